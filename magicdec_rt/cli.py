@@ -1,0 +1,98 @@
+"""``magicdec-generate``: generate from an engine directory.
+
+Errors the caller can fix print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import MagicDecError
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(prog: str, fn) -> int:
+    try:
+        return fn()
+    except MagicDecError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> int:
+    p = OneLineErrors(prog="magicdec-generate", description="Generate text with MagicDec speculative decoding.")
+    p.add_argument("--engine", required=True, help="engine directory written by magicdec-build")
+    p.add_argument("prompts", nargs="*", help="prompts (one generation each)")
+    p.add_argument("--prompts-file", help="a file with one prompt per line, or a JSON list of prompts")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--gamma", type=int, default=None, help="draft length; 0 = autoregressive (default: the engine's)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print results and statistics as JSON")
+    args = p.parse_args(argv)
+
+    def run():
+        prompts = list(args.prompts)
+        if args.prompts_file:
+            path = Path(args.prompts_file)
+            if not path.is_file():
+                raise MagicDecError(f"prompts file {args.prompts_file!r} does not exist")
+            text = path.read_text()
+            try:
+                loaded = json.loads(text)
+                prompts += loaded if isinstance(loaded, list) else [loaded]
+            except json.JSONDecodeError:
+                prompts += [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise MagicDecError("no prompts: give them as arguments or with --prompts-file")
+        if args.chat:
+            prompts = [[{"role": "user", "content": q}] if isinstance(q, str) else q for q in prompts]
+        from .runtime import Runtime
+
+        rt = Runtime.load(args.engine, show_progress=sys.stderr.isatty())
+        results = rt.generate(
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop,
+            gamma=args.gamma,
+        )
+        if args.json:
+            out = {"results": [r.__dict__ for r in results], "stats": rt.last_stats}
+            print(json.dumps(out, indent=2))
+        else:
+            for r in results:
+                print(f"--- [{r.index}] {r.finish_reason}, {len(r.token_ids)} tokens")
+                print(r.text)
+            s = rt.last_stats
+            rate = s["acceptance_rate"]
+            print(
+                f"--- gamma {s['gamma']}: {s['new_tokens']} tokens, decode {s['decode_tokens_per_s']:.1f} tok/s, "
+                f"acceptance {'n/a' if rate is None else f'{rate:.2f}'}, "
+                f"mean accepted length {s['mean_accepted_length'] or 0:.2f}",
+                file=sys.stderr,
+            )
+        return 0
+
+    return run_cli(p.prog, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

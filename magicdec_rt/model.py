@@ -1,0 +1,199 @@
+"""One Llama-family decoder for every step and every backend.
+
+A step is a pure function ``(tokens [B,T], positions [B,T], cache_k, cache_v, lengths [B])
+-> (logits, new_k, new_v)``. Caches are ``[layers, B, kv_heads, S, head_dim]`` and hold the
+post-RoPE keys of earlier tokens; ``lengths[b]`` says how many cache slots of row ``b`` are valid.
+A query attends to the valid cache slots of its row and, causally, to the ``T`` tokens of its own
+block. Nothing is written: the step returns the K/V of its ``T`` tokens and the runtime decides
+where they go (full cache, sparse draft cache, or nowhere if rejected).
+
+The same function at different static shapes is the prefill chunk (``T = chunk`` over the full
+cache), the draft step (``T = 1`` over the sparse draft cache) and the verify step
+(``T = gamma + 1`` over the full cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf["rms_norm_eps"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the weights' dtype, as the reference implementation does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, cache_mask, block_mask):
+        B, T, _ = x.shape
+        kv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        group = self.cfg.num_heads // kv
+        q = self.q_proj(x).view(B, T, kv, group, d).permute(0, 2, 3, 1, 4)  # [B,kv,G,T,d]
+        k = self.k_proj(x).view(B, T, kv, d).transpose(1, 2)  # [B,kv,T,d]
+        v = self.v_proj(x).view(B, T, kv, d).transpose(1, 2)
+        q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        # Fold the query group into the row dimension so every matmul is a plain batched GEMM over
+        # [B*kv]: the cache is read once per kv head, never expanded to the query heads, and never
+        # concatenated with the new keys (that would copy the whole cache every step).
+        q = q.reshape(B, kv, group * T, d)
+        scale = d**-0.5
+        s_cache = (q @ cache_k.transpose(-1, -2)).float() * scale  # [B,kv,G*T,S]
+        s_block = (q @ k.transpose(-1, -2)).float() * scale  # [B,kv,G*T,T]
+        s_cache = s_cache.masked_fill(~cache_mask, float("-inf"))
+        s_block = s_block.masked_fill(~block_mask, float("-inf"))
+        # Every query sees at least itself, so no row of the softmax is all -inf.
+        p = torch.softmax(torch.cat((s_cache, s_block), dim=-1), dim=-1).to(v.dtype)
+        S = cache_k.shape[2]
+        o = p[..., :S] @ cache_v + p[..., S:] @ v  # [B,kv,G*T,d]
+        o = o.view(B, kv, group, T, d).permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)
+        return self.o_proj(o), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, cache_mask, block_mask):
+        a, k, v = self.self_attn(
+            self.input_layernorm(x), cos, sin, cache_k, cache_v, cache_mask, block_mask
+        )
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class Transformer(nn.Module):
+    """Parameter names follow the Hugging Face Llama layout (minus the ``model.`` prefix), so an
+    HF checkpoint loads with a plain ``load_state_dict``."""
+
+    def __init__(self, cfg: ModelConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.rope_scaling = rope_scaling
+
+    def hidden(self, tokens, positions, cache_k, cache_v, lengths):
+        """Final-norm hidden states [B,T,H] and the new K/V [layers,B,kv,T,d] of the block."""
+        T = tokens.shape[1]
+        S = cache_k.shape[3]
+        x = self.embed_tokens(tokens)
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(x.dtype)
+        sin = (emb.sin() * self.rope_scaling).to(x.dtype)
+        slots = torch.arange(S, device=tokens.device)
+        cache_mask = (slots[None, :] < lengths[:, None])[:, None, None, :]  # [B,1,1,S]
+        idx = torch.arange(T, device=tokens.device)
+        block_mask = (idx[None, :] <= idx[:, None]).repeat(self.cfg.num_heads // self.cfg.num_kv_heads, 1)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], cache_mask, block_mask)
+            new_k.append(k)
+            new_v.append(v)
+        return self.norm(x), torch.stack(new_k), torch.stack(new_v)
+
+
+class DecodeStep(nn.Module):
+    """Draft step (T=1 over the draft cache) and verify step (T=gamma+1 over the full cache):
+    logits for every token of the block."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, cache_k, cache_v, lengths):
+        h, k, v = self.model.hidden(tokens, positions, cache_k, cache_v, lengths)
+        return self.model.lm_head(h).float(), k, v
+
+
+class PrefillStep(nn.Module):
+    """Prefill of a fixed-size chunk: logits only at ``last[b]``, the index of row b's last real
+    token in the chunk (the LM head over a whole chunk would cost more than the chunk itself)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, cache_k, cache_v, lengths, last):
+        h, k, v = self.model.hidden(tokens, positions, cache_k, cache_v, lengths)
+        h_last = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+        return self.model.lm_head(h_last).float(), k, v

@@ -1,0 +1,377 @@
+"""The runtime: owns the caches, lengths and RNG, and runs the MagicDec loop.
+
+Per wave of up to ``max_batch`` prompts:
+
+1. Prefill every prompt in fixed-size chunks into the full cache, then copy its sinks and recent
+   window into the draft cache; sample the first token from the last prompt position.
+2. Repeat until every row is finished: ``gamma`` draft steps (``[B, 1]`` over the draft cache),
+   one verify step (``[B, gamma+1]`` over the full cache, at the smallest context bucket covering
+   the longest live row), then accept/reject per row (``sampling.accept``). Row ``b`` keeps its own
+   ``a_b`` drafts plus one extra token; the target K/V of the tokens it committed go into the full
+   cache and the draft cache, and its length advances by ``a_b + 1``: acceptance is ragged.
+
+``gamma = 0`` runs the same loop with no draft: the verify step is then a plain autoregressive
+decode step, which is the baseline MagicDec is measured against.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import Manifest, load_steps, read_manifest
+from .errors import RequestError
+from .kv_cache import KVCache, StreamingCache
+from .sampling import SamplingParams, accept, select
+
+
+@dataclass
+class GenerationResult:
+    index: int
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
+    stats: dict
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt
+    token_ids: list[int]  # tokens accepted for it since the last event
+    text: str  # text that became final since the last event
+    result: GenerationResult | None = None  # set on the prompt's last event
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: list[int]
+    max_new: int
+    stops: list[str]
+    gen: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent_tokens: int = 0
+    sent_text: int = 0
+    done: bool = False
+    reason: str = ""
+    reported: bool = False
+    rounds: int = 0
+    accepted: int = 0
+    prefix_hits: list[int] = field(default_factory=list)
+
+    def uniforms(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.gen)
+
+
+class Runtime:
+    def __init__(self, directory: Path, manifest: Manifest, steps, tokenizer, show_progress=False):
+        self.directory, self.manifest, self.steps, self.tokenizer = directory, manifest, steps, tokenizer
+        self.show_progress = show_progress
+        m, dt = manifest, manifest.torch_dtype
+        self.full = KVCache(m.model, m.max_batch, m.max_seq_len, dt)
+        self.draft = StreamingCache(m.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt)
+        self.last_stats: dict = {}
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, show_progress: bool = False) -> "Runtime":
+        from transformers import AutoTokenizer
+
+        directory = Path(engine_dir)
+        manifest = read_manifest(directory)
+        steps = load_steps(directory, manifest)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return cls(directory, manifest, steps, tokenizer, show_progress)
+
+    # ------------------------------------------------------------------ requests
+
+    def _encode(self, i: int, prompt) -> list[int]:
+        tok, vocab = self.tokenizer, self.manifest.model.vocab_size
+        if isinstance(prompt, str):
+            ids = tok(prompt).input_ids if prompt else []
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            try:
+                text = tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # noqa: BLE001 -- the template's own message is the useful part
+                raise RequestError(f"prompt {i}: chat messages could not be rendered: {e}") from None
+            ids = tok(text, add_special_tokens=False).input_ids
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"prompt {i}: token id {bad[0]} is out of range [0, {vocab})")
+        else:
+            raise RequestError(
+                f"prompt {i} is a {type(prompt).__name__}; a prompt is a string, a list of token ids, "
+                "or a list of chat messages ({'role': ..., 'content': ...})"
+            )
+        if not ids:
+            raise RequestError(f"prompt {i} is empty; a prompt needs at least 1 token")
+        return ids
+
+    def _requests(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, gamma):
+        """Validate everything before touching any state, so a bad request changes nothing."""
+        m = self.manifest
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise RequestError("prompts must be a non-empty list of prompts")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens={max_new_tokens!r} is out of range: must be an integer >= 1")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise RequestError(f"temperature={temperature!r} is out of range: must be a finite number >= 0")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise RequestError(f"top_p={top_p!r} is out of range: must be in (0, 1]")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise RequestError(f"top_k={top_k!r} is out of range: must be an integer >= 0 (0 disables it)")
+        gamma = m.default_gamma if gamma is None else gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma not in m.gammas:
+            raise RequestError(f"gamma={gamma!r} is not one the engine was built for: allowed {m.gammas}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise RequestError(f"seed={seed!r} is out of range: must be an integer >= 0 or None")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise RequestError(f"stop={stop!r} is invalid: must be a non-empty string or a list of them")
+        ids = [self._encode(i, p) for i, p in enumerate(prompts)]
+        for i, p in enumerate(ids):
+            if len(p) + max_new_tokens > m.max_seq_len:
+                raise RequestError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                    f"{len(p) + max_new_tokens}, beyond the engine's max_seq_len {m.max_seq_len}"
+                )
+        sp = SamplingParams(float(temperature), int(top_k), float(top_p))
+        base_seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        rows = []
+        for i, p in enumerate(ids):
+            gen = None
+            if not sp.greedy:
+                gen = torch.Generator().manual_seed(base_seed + i)
+            rows.append(_Row(i, p, max_new_tokens, stops, gen))
+        return rows, sp, gamma
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+                 stop=None, gamma=None) -> list[GenerationResult]:
+        """One result per prompt, in order. Prompts: strings, token-id lists or chat message lists.
+        Prompt ``i`` is sampled with seed ``seed + i``; greedy when ``temperature == 0``."""
+        results = {}
+        for ev in self.stream(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, gamma):
+            if ev.result is not None:
+                results[ev.index] = ev.result
+        return [results[i] for i in sorted(results)]
+
+    def stream(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+               stop=None, gamma=None) -> Iterator[StreamEvent]:
+        """Yields tokens as they are accepted; each prompt's last event carries its result.
+        The request is validated before the first event."""
+        rows, sp, gamma = self._requests(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, gamma)
+        return self._serve(rows, sp, gamma)
+
+    def _serve(self, rows, sp, gamma):
+        totals = _Totals()
+        for start in range(0, len(rows), self.manifest.max_batch):
+            yield from self._wave(rows[start : start + self.manifest.max_batch], sp, gamma, totals)
+        self.last_stats = totals.summary(rows, gamma)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _uniforms(self, rows: Sequence[_Row], sp: SamplingParams, n: int):
+        if sp.greedy:
+            return None
+        return torch.stack([r.uniforms(n) for r in rows])
+
+    def _prefill(self, rows: Sequence[_Row], gamma: int) -> torch.Tensor:
+        m, B, C = self.manifest, len(rows), self.manifest.prefill_chunk
+        P = [len(r.prompt) for r in rows]
+        first = torch.empty(B, m.model.vocab_size)
+        chunks = range(0, max(P), C)
+        for start in tqdm(chunks, desc="prefill", unit="chunk", disable=not self.show_progress or len(chunks) < 4):
+            tokens = torch.zeros(B, C, dtype=torch.long)
+            for b, r in enumerate(rows):
+                seg = r.prompt[start : start + C]
+                tokens[b, : len(seg)] = torch.tensor(seg, dtype=torch.long)
+            positions = (start + torch.arange(C)).expand(B, C)
+            lengths = torch.tensor([min(p, start) for p in P])
+            last = torch.tensor([min(max(p - 1 - start, 0), C - 1) for p in P])
+            ck, cv = self.full.view(B, m.bucket(max(1, int(lengths.max()))))
+            logits, k, v = self.steps.prefill(tokens, positions, ck, cv, lengths, last)
+            for b, p in enumerate(P):
+                n = min(max(p - start, 0), C)
+                if n:
+                    self.full.write(b, start, k[:, b, :, :n], v[:, b, :, :n])
+                if start <= p - 1 < start + C:
+                    first[b] = logits[b]
+        if gamma:
+            for b, p in enumerate(P):
+                self.draft.absorb(self.full, b, 0, p)
+        return first
+
+    def _wave(self, rows: list[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
+        m, B = self.manifest, len(rows)
+        t0 = time.perf_counter()
+        first = self._prefill(rows, gamma)
+        u = self._uniforms(rows, sp, 1)
+        nxt, _ = select(first, sp, None if u is None else 1.0 - u[:, 0])
+        totals.prefill += time.perf_counter() - t0
+        lengths = [len(r.prompt) for r in rows]
+        for b, r in enumerate(rows):
+            self._push(r, [int(nxt[b])])
+        yield from self._events(rows)
+        t_loop = time.perf_counter()
+        while not all(r.done for r in rows):
+            L = torch.tensor(lengths)
+            t = time.perf_counter()
+            drafts, qs = [], []
+            if gamma:
+                u = self._uniforms(rows, sp, gamma)
+                base = [self.draft.valid(n) for n in lengths]
+                dk, dv = self.draft.view(B)
+                x = nxt
+                for i in range(gamma):
+                    logits, k, v = self.steps.decode(x[:, None], (L + i)[:, None], dk, dv, torch.tensor(base) + i)
+                    for b in range(B):
+                        self.draft.write(b, base[b] + i, k[:, b], v[:, b])
+                    x, q = select(logits[:, 0], sp, None if u is None else 1.0 - u[:, i])
+                    drafts.append(x)
+                    qs.append(q)
+            totals.draft += time.perf_counter() - t
+            t = time.perf_counter()
+            tokens = torch.stack([nxt, *drafts], dim=1)
+            live = [n for n, r in zip(lengths, rows) if not r.done]
+            ck, cv = self.full.view(B, m.bucket(max(live)))
+            logits, k, v = self.steps.decode(tokens, L[:, None] + torch.arange(gamma + 1), ck, cv, L)
+            totals.verify += time.perf_counter() - t
+            u = self._uniforms(rows, sp, gamma + 1)
+            acc, extra = accept(
+                tokens[:, 1:],
+                torch.stack(qs, dim=1) if qs and qs[0] is not None else None,
+                logits,
+                sp,
+                None if u is None else u[:, :gamma],
+                None if u is None else 1.0 - u[:, gamma],
+            )
+            for b, r in enumerate(rows):
+                if r.done:
+                    continue
+                a = int(acc[b])
+                r.rounds += 1
+                r.accepted += a
+                r.prefix_hits = _add_prefix(r.prefix_hits, a, gamma)
+                self._push(r, tokens[b, 1 : a + 1].tolist() + [int(extra[b])])
+                if not r.done:
+                    self.full.write(b, lengths[b], k[:, b, :, : a + 1], v[:, b, :, : a + 1])
+                    if gamma:
+                        self.draft.absorb(self.full, b, lengths[b], lengths[b] + a + 1)
+                    lengths[b] += a + 1
+            nxt = extra
+            yield from self._events(rows)
+        totals.decode += time.perf_counter() - t_loop
+
+    # ------------------------------------------------------------------ output
+
+    def _push(self, r: _Row, new: list[int]) -> None:
+        """Append accepted tokens one by one until the row finishes."""
+        eos = self.manifest.eos_token_ids
+        for t in new:
+            r.tokens.append(t)
+            if t in eos:
+                r.done, r.reason = True, "eos"
+            elif r.stops:
+                text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+                hit = min((i for i in (text.find(s) for s in r.stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    r.text, r.done, r.reason = text[:hit], True, "stop"
+            if not r.done and len(r.tokens) >= r.max_new:
+                r.done, r.reason = True, "length"
+            if r.done:
+                break
+        if r.reason != "stop":
+            r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+
+    def _events(self, rows: Sequence[_Row]) -> Iterator[StreamEvent]:
+        for r in rows:
+            if r.reported:
+                continue
+            end = _final_text_end(r)
+            if r.sent_tokens == len(r.tokens) and end == r.sent_text and not r.done:
+                continue
+            ev = StreamEvent(r.index, r.tokens[r.sent_tokens :], r.text[r.sent_text : end])
+            r.sent_tokens, r.sent_text = len(r.tokens), end
+            if r.done:
+                r.reported = True
+                ev.result = GenerationResult(r.index, r.text, list(r.tokens), len(r.prompt), r.reason, _row_stats(r))
+            yield ev
+
+
+def _add_prefix(hits: list[int], accepted: int, gamma: int) -> list[int]:
+    hits = hits + [0] * (gamma - len(hits))
+    return [h + (i < accepted) for i, h in enumerate(hits)]
+
+
+def _final_text_end(r: _Row) -> int:
+    """How much of the row's text is final: all of it once the row is done; otherwise hold back
+    a trailing partial character and any tail that could still grow into a stop string."""
+    text = r.text
+    if r.done:
+        return len(text)
+    end = len(text.rstrip("\ufffd"))
+    for s in r.stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return max(end, r.sent_text)
+
+
+def _row_stats(r: _Row) -> dict:
+    drafted = r.rounds and len(r.prefix_hits) * r.rounds
+    return {
+        "drafts": r.rounds,
+        "draft_tokens": drafted,
+        "accepted_tokens": r.accepted,
+        "acceptance_rate": r.accepted / drafted if drafted else None,
+        "mean_accepted_length": 1 + r.accepted / r.rounds if r.rounds else None,
+        "per_position_acceptance": [h / r.rounds for h in r.prefix_hits] if r.rounds else [],
+        "new_tokens": len(r.tokens),
+    }
+
+
+@dataclass
+class _Totals:
+    prefill: float = 0.0
+    decode: float = 0.0
+    draft: float = 0.0
+    verify: float = 0.0
+
+    def summary(self, rows: Sequence[_Row], gamma: int) -> dict:
+        rounds = sum(r.rounds for r in rows)
+        accepted = sum(r.accepted for r in rows)
+        new = sum(len(r.tokens) for r in rows)
+        hits = [sum(r.prefix_hits[i] for r in rows if r.prefix_hits) for i in range(gamma)]
+        # The first token of each row comes from prefill, not from the decoding loop.
+        decoded = new - len(rows)
+        return {
+            "gamma": gamma,
+            "prompts": len(rows),
+            "new_tokens": new,
+            "drafts": rounds,
+            "draft_tokens": rounds * gamma,
+            "accepted_tokens": accepted,
+            "acceptance_rate": accepted / (rounds * gamma) if rounds and gamma else None,
+            "mean_accepted_length": 1 + accepted / rounds if rounds else None,
+            "per_position_acceptance": [h / rounds for h in hits] if rounds else [],
+            "prefill_s": self.prefill,
+            "decode_s": self.decode,
+            "draft_s": self.draft,
+            "verify_s": self.verify,
+            "rest_s": self.decode - self.draft - self.verify,
+            "decode_tokens_per_s": decoded / self.decode if self.decode > 0 else None,
+        }
