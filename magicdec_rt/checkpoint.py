@@ -56,7 +56,7 @@ def load_source(path: str | Path):
         )
     config = hf.config.to_dict()
     config.pop("quantization_config", None)  # the saved weights are plain tensors, not GGUF
-    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    state = dict(hf.state_dict())
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     try:
@@ -88,11 +88,13 @@ def rope_tables(config: dict) -> tuple[torch.Tensor, float]:
 
 
 def build_model(config: dict, state: dict | None, dtype: torch.dtype) -> Transformer:
+    """Our Transformer from an HF config and an HF-named state dict."""
     inv_freq, scaling = rope_tables(config)
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_hf(config), inv_freq, scaling)
     model = model.to_empty(device="cpu")
     if state is not None:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (m == "lm_head.weight" and model.cfg.tie_word_embeddings)]
         if missing or unexpected:
