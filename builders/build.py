@@ -65,6 +65,8 @@ def build_engine(
     _check_options(dtype, max_batch, max_gamma, default_gamma, draft_sinks, draft_budget, prefill_chunk)
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise EngineError(f"output {str(out)!r} is not empty and not an engine directory; refusing to overwrite it")
     t0 = time.perf_counter()
     stages = tqdm(total=4, desc="build", unit="stage", disable=not show_progress)
     stages.set_postfix_str("load model")

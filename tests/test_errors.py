@@ -1,0 +1,173 @@
+"""Bad input: a clear error naming the value and the allowed range, and the runtime keeps serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from builders import build
+from magicdec_rt import EngineError, RequestError, Runtime, cli
+
+GOOD = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 1, 4, 1, 5]]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_runtime):
+    return [r.token_ids for r in tiny_runtime.generate(GOOD, max_new_tokens=10)]
+
+
+REQUEST_CASES = [
+    (dict(prompts=[""]), "prompt 0 is empty; a prompt needs at least 1 token"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[]), "prompts must be a non-empty list"),
+    (dict(prompts=[[1, 99]]), "prompt 0: token id 99 is out of range [0, 16)"),
+    (dict(prompts=[3.5]), "prompt 0 is a float; a prompt is a string, a list of token ids, or a list of chat messages"),
+    (dict(prompts=[[1] * 100], max_new_tokens=29),
+     "prompt 0 has 100 tokens; with max_new_tokens=29 that is 129, beyond the engine's max_seq_len 128"),
+    (dict(max_new_tokens=0), "max_new_tokens=0 is out of range: must be an integer >= 1"),
+    (dict(temperature=-0.5), "temperature=-0.5 is out of range: must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature=nan is out of range"),
+    (dict(top_p=0.0), "top_p=0.0 is out of range: must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p=1.5 is out of range: must be in (0, 1]"),
+    (dict(top_k=-1), "top_k=-1 is out of range: must be an integer >= 0 (0 disables it)"),
+    (dict(gamma=5), "gamma=5 is not one the engine was built for: allowed [0, 1, 2, 3, 4]"),
+    (dict(gamma=-1), "gamma=-1 is not one the engine was built for"),
+    (dict(seed=-3), "seed=-3 is out of range: must be an integer >= 0 or None"),
+    (dict(stop=[""]), "stop=[''] is invalid: must be a non-empty string or a list of them"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", REQUEST_CASES, ids=[m[:40] for _, m in REQUEST_CASES])
+def test_bad_request_is_rejected_and_next_request_is_served(tiny_runtime, baseline, kwargs, message):
+    kw = dict(prompts=GOOD, max_new_tokens=10)
+    kw.update(kwargs)
+    with pytest.raises(RequestError) as err:
+        tiny_runtime.generate(**kw)
+    assert message in str(err.value)
+    with pytest.raises(RequestError):  # streaming validates before its first event, too
+        tiny_runtime.stream(**kw)
+    assert [r.token_ids for r in tiny_runtime.generate(GOOD, max_new_tokens=10)] == baseline
+
+
+def test_more_prompts_than_the_batch_are_served_in_waves(tiny_runtime, baseline):
+    prompts = GOOD * 9  # 18 prompts, engine batch 8
+    out = tiny_runtime.generate(prompts, max_new_tokens=10)
+    assert [r.index for r in out] == list(range(18))
+    assert [r.token_ids for r in out] == baseline * 9
+
+
+@pytest.fixture
+def engine_copy(tiny_engine, tmp_path):
+    dst = tmp_path / "engine"
+    shutil.copytree(tiny_engine, dst)
+    return dst
+
+
+def edit_manifest(engine, fn):
+    path = engine / "manifest.json"
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_unknown_engine_directory(tmp_path):
+    with pytest.raises(EngineError, match="engine directory .*nope' does not exist; build one with magicdec-build"):
+        Runtime.load(tmp_path / "nope")
+
+
+def test_directory_without_manifest(tmp_path):
+    with pytest.raises(EngineError, match="has no manifest.json; it is not an engine directory"):
+        Runtime.load(tmp_path)
+
+
+def test_corrupted_manifest(engine_copy):
+    (engine_copy / "manifest.json").write_text('{"format": "magicdec-rt-engine", "max_b')
+    with pytest.raises(EngineError, match="is corrupted: not valid JSON"):
+        Runtime.load(engine_copy)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(format_version=99), "has format_version 99; this runtime reads version 1: rebuild"),
+        (lambda d: d.update(format="other"), "is not a magicdec-rt engine manifest"),
+        (lambda d: d.update(backend="tensorrt"), "backend 'tensorrt' is not available; this runtime has eager"),
+        (lambda d: d.pop("max_batch"), "is incomplete or malformed (KeyError: 'max_batch')"),
+        (lambda d: d.update(max_seq_len=100000), "max_seq_len 100000 must be in [1, 256] (the model's context)"),
+        (lambda d: d["draft"].update(sinks=9), "draft sinks 9 must be in [0, budget 8)"),
+        (lambda d: d["model"]["config"].update(num_layers=3), "config.json does not match the manifest's model"),
+    ],
+    ids=["version", "format", "backend", "missing-key", "seq-len", "sinks", "model-mismatch"],
+)
+def test_incompatible_manifest(engine_copy, edit, message):
+    edit_manifest(engine_copy, edit)
+    with pytest.raises(EngineError) as err:
+        Runtime.load(engine_copy)
+    assert message in str(err.value)
+
+
+def test_missing_weights(engine_copy):
+    (engine_copy / "model.safetensors").unlink()
+    with pytest.raises(EngineError, match="is missing model.safetensors; rebuild it"):
+        Runtime.load(engine_copy)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "/no/such/model.gguf"], "model path '/no/such/model.gguf' does not exist"),
+        (["--draft-sinks", "300"], "draft_sinks=300 is out of range: must be in [0, draft_budget=256)"),
+        (["--max-batch", "0"], "max_batch=0 is out of range: must be >= 1"),
+        (["--gamma", "9"], "default_gamma=9 is out of range: must be in [0, max_gamma=6]"),
+        (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
+    ],
+)
+def test_build_cli_errors_are_one_line_exit_2(argv, message, capsys, tmp_path):
+    try:
+        code = build.main(argv + ["--out", str(tmp_path / "e"), "--quiet"])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("magicdec-build: error: ") and message in err, err
+
+
+def test_build_refuses_to_overwrite_a_directory_that_is_not_an_engine(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert build.main(["--out", str(tmp_path), "--quiet"]) == 2
+    assert "is not empty and not an engine directory; refusing to overwrite it" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--temperature", "-1", "w1 w2"], "temperature=-1.0 is out of range: must be a finite number >= 0"),
+        (["--top-p", "2", "w1"], "top_p=2.0 is out of range: must be in (0, 1]"),
+        (["--gamma", "7", "w1"], "gamma=7 is not one the engine was built for: allowed [0, 1, 2, 3, 4]"),
+        ([""], "prompt 0 is empty"),
+        ([], "no prompts: give them as arguments or with --prompts-file"),
+        (["--prompts-file", "/no/file"], "prompts file '/no/file' does not exist"),
+        (["--max-new-tokens", "500", "w1"], "beyond the engine's max_seq_len 128"),
+    ],
+)
+def test_generate_cli_errors_are_one_line_exit_2(tiny_engine, args, message, capsys):
+    code = cli.main(["--engine", str(tiny_engine), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("magicdec-generate: error: ") and message in err, err
+
+
+def test_generate_cli_bad_engine_no_traceback(tmp_path):
+    """A real process: exit status 2, exactly one line on stderr, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "magicdec_rt.cli", "--engine", str(tmp_path / "missing"), "hello"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist; build one with magicdec-build" in lines[0], proc.stderr
