@@ -85,7 +85,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, cache_mask, causal):
+    def forward(self, x, cos, sin, cache_k, cache_v, cache_bias, causal_bias):
         B, T, _ = x.shape
         kv, d = self.cfg.num_kv_heads, self.cfg.head_dim
         group = self.cfg.num_heads // kv
@@ -95,42 +95,42 @@ class Attention(nn.Module):
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if T >= SDPA_MIN_BLOCK:
-            o = self._attend_fused(q, k, v, cache_k, cache_v, cache_mask, causal)
+            o = self._attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
         else:
-            o = self._attend_split(q, k, v, cache_k, cache_v, cache_mask, causal)
+            o = self._attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
         o = o.view(B, kv, group, T, d).permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)
         return self.o_proj(o), k, v
 
     @staticmethod
-    def _attend_split(q, k, v, cache_k, cache_v, cache_mask, causal):
+    def _attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
         """Short blocks (draft, verify): bandwidth-bound on reading the cache. The query group is
         folded into the row dimension so every matmul is a plain batched GEMM over [B*kv]: the
         cache is read once per kv head, never expanded to the query heads and never concatenated
-        with the new keys (that would copy the whole cache every step)."""
+        with the new keys (that would copy the whole cache every step). Scale and masks ride in
+        the GEMMs (``baddbmm``) instead of separate passes over the scores."""
         B, kv, group, T, d = q.shape
-        q = q.reshape(B, kv, group * T, d)
-        scale = d**-0.5
-        s_cache = (q @ cache_k.transpose(-1, -2)).float() * scale  # [B,kv,G*T,S]
-        s_block = (q @ k.transpose(-1, -2)).float() * scale  # [B,kv,G*T,T]
-        s_cache = s_cache.masked_fill(~cache_mask, float("-inf"))
-        s_block = s_block.masked_fill(~causal.repeat(group, 1), float("-inf"))
-        # Every query sees at least itself, so no row of the softmax is all -inf.
-        p = torch.softmax(torch.cat((s_cache, s_block), dim=-1), dim=-1).to(v.dtype)
         S = cache_k.shape[2]
-        return p[..., :S] @ cache_v + p[..., S:] @ v
+        q = (q * d**-0.5).reshape(B * kv, group * T, d)
+        bias = cache_bias.expand(B, kv, 1, S).reshape(B * kv, 1, S)
+        s_cache = torch.baddbmm(bias, q, cache_k.reshape(B * kv, S, d).transpose(1, 2))
+        s_block = torch.baddbmm(causal_bias.repeat(group, 1), q, k.reshape(B * kv, T, d).transpose(1, 2))
+        # Every query sees at least itself, so no row of the softmax is all -inf.
+        p = torch.softmax(torch.cat((s_cache, s_block), dim=-1), dim=-1, dtype=torch.float32).to(v.dtype)
+        o = torch.baddbmm(p[..., S:] @ v.reshape(B * kv, T, d), p[..., :S], cache_v.reshape(B * kv, S, d))
+        return o.view(B, kv, group, T, d)
 
     @staticmethod
-    def _attend_fused(q, k, v, cache_k, cache_v, cache_mask, causal):
+    def _attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
         """Long blocks (prefill): compute-bound, where the fused SDPA kernel is ~4x faster on CPU
         than materialising the scores, and copying the cache once per chunk is cheap."""
         B, kv, group, T, d = q.shape
         S = cache_k.shape[2]
-        mask = torch.cat((cache_mask.expand(B, 1, T, S), causal.expand(B, 1, T, T)), dim=-1)
+        bias = torch.cat((cache_bias.expand(B, 1, T, S), causal_bias.expand(B, 1, T, T)), dim=-1)
         o = F.scaled_dot_product_attention(
             q.reshape(B, kv * group, T, d),
             torch.cat((cache_k, k), dim=2),
             torch.cat((cache_v, v), dim=2),
-            attn_mask=mask,
+            attn_mask=bias,
             enable_gqa=True,
         )
         return o.view(B, kv, group, T, d)
@@ -155,8 +155,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, cache_mask, causal):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, cache_mask, causal)
+    def forward(self, x, cos, sin, cache_k, cache_v, cache_bias, causal_bias):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, cache_bias, causal_bias)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -186,13 +186,16 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.rope_scaling).to(x.dtype)
         sin = (emb.sin() * self.rope_scaling).to(x.dtype)
+        # Masks as additive biases (0 or -inf), built once per step for all layers.
         slots = torch.arange(S, device=tokens.device)
-        cache_mask = (slots[None, :] < lengths[:, None])[:, None, None, :]  # [B,1,1,S]
+        neg = torch.full((), float("-inf"), dtype=x.dtype)
+        zero = torch.zeros((), dtype=x.dtype)
+        cache_bias = torch.where(slots[None, :] < lengths[:, None], zero, neg)[:, None, None, :]  # [B,1,1,S]
         idx = torch.arange(T, device=tokens.device)
-        causal = idx[None, :] <= idx[:, None]  # [T,T]
+        causal_bias = torch.where(idx[None, :] <= idx[:, None], zero, neg)  # [T,T]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], cache_mask, causal)
+            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], cache_bias, causal_bias)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), torch.stack(new_k), torch.stack(new_v)

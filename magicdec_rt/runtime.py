@@ -249,6 +249,8 @@ class Runtime:
             ck, cv = self.full.view(B, m.bucket(max(live)))
             logits, k, v = self.steps.decode(tokens, L[:, None] + torch.arange(gamma + 1), ck, cv, L)
             totals.verify += time.perf_counter() - t
+            totals.verify_steps += 1
+            totals.draft_steps += gamma
             u = self._uniforms(rows, sp, gamma + 1)
             acc, extra = accept(
                 tokens[:, 1:],
@@ -350,6 +352,8 @@ class _Totals:
     decode: float = 0.0
     draft: float = 0.0
     verify: float = 0.0
+    draft_steps: int = 0  # batch steps, not per row
+    verify_steps: int = 0
 
     def summary(self, rows: Sequence[_Row], gamma: int) -> dict:
         rounds = sum(r.rounds for r in rows)
@@ -373,5 +377,7 @@ class _Totals:
             "draft_s": self.draft,
             "verify_s": self.verify,
             "rest_s": self.decode - self.draft - self.verify,
+            "draft_steps": self.draft_steps,
+            "verify_steps": self.verify_steps,
             "decode_tokens_per_s": decoded / self.decode if self.decode > 0 else None,
         }
