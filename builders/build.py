@@ -33,11 +33,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_options(dtype, max_batch, max_gamma, default_gamma, draft_sinks, draft_budget, prefill_chunk):
+def _check_options(dtype, max_batch, max_gamma, default_gamma, draft_sinks, draft_budget, prefill_chunk, world_size):
     """Everything that can be checked before the (slow) model load."""
     if dtype not in DTYPES:
         raise EngineError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    for name, value, low in (("max_batch", max_batch, 1), ("max_gamma", max_gamma, 0), ("prefill_chunk", prefill_chunk, 1)):
+    limits = (("max_batch", max_batch, 1), ("max_gamma", max_gamma, 0), ("prefill_chunk", prefill_chunk, 1),
+              ("world_size", world_size, 1))
+    for name, value, low in limits:
         if value < low:
             raise EngineError(f"{name}={value} is out of range: must be >= {low}")
     if not 0 <= default_gamma <= max_gamma:
@@ -59,10 +61,11 @@ def build_engine(
     draft_sinks: int = 16,
     draft_budget: int = 256,
     prefill_chunk: int = 256,
+    world_size: int = 1,
     show_progress: bool = True,
 ) -> Path:
     """Build an engine directory and return its path."""
-    _check_options(dtype, max_batch, max_gamma, default_gamma, draft_sinks, draft_budget, prefill_chunk)
+    _check_options(dtype, max_batch, max_gamma, default_gamma, draft_sinks, draft_budget, prefill_chunk, world_size)
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
@@ -75,6 +78,8 @@ def build_engine(
     seq = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
     if not 1 <= seq <= cfg.max_position_embeddings:
         raise EngineError(f"max_seq_len={seq} is out of range: must be in [1, {cfg.max_position_embeddings}] (the model's context)")
+    if world_size > cfg.num_kv_heads:
+        raise EngineError(f"world_size={world_size} is out of range: must be in [1, {cfg.num_kv_heads}] (the model's KV heads)")
     stages.update()
 
     stages.set_postfix_str("write weights")
@@ -111,6 +116,7 @@ def build_engine(
         model=cfg,
         eos_token_ids=sorted(eos),
         model_sha256=_sha256(out / "model.safetensors"),
+        world_size=world_size,
         versions={
             "magicdec_rt": magicdec_rt.__version__,
             "torch": torch.__version__,
@@ -146,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--draft-sinks", type=int, default=16)
     p.add_argument("--draft-budget", type=int, default=256, help="draft cache slots: sinks + recent window")
     p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -163,6 +170,7 @@ def main(argv=None) -> int:
             draft_sinks=args.draft_sinks,
             draft_budget=args.draft_budget,
             prefill_chunk=args.prefill_chunk,
+            world_size=args.world_size,
             show_progress=not args.quiet,
         )
         return 0

@@ -10,16 +10,11 @@ from __future__ import annotations
 import torch
 
 from magicdec_rt.engine import Manifest
+from magicdec_rt.kv_cache import KVCache
 from magicdec_rt.model import DecodeStep, PrefillStep, Transformer
 
 
-def _cache(manifest: Manifest, slots: int):
-    c = manifest.model
-    shape = (c.num_layers, manifest.max_batch, c.num_kv_heads, slots, c.head_dim)
-    return torch.zeros(shape, dtype=manifest.torch_dtype), torch.zeros(shape, dtype=manifest.torch_dtype)
-
-
-def step_inputs(manifest: Manifest, name: str) -> tuple:
+def step_inputs(model: Transformer, manifest: Manifest, name: str) -> tuple:
     """Example inputs of the step ``name``; any values of these shapes and dtypes are valid."""
     B = manifest.max_batch
     kind, _, bucket = name.partition("@")
@@ -33,7 +28,8 @@ def step_inputs(manifest: Manifest, name: str) -> tuple:
         raise ValueError(f"unknown step {name!r}")
     tokens = torch.zeros(B, T, dtype=torch.long)
     positions = torch.arange(T).expand(B, T).contiguous()
-    ck, cv = _cache(manifest, slots)
+    cache = KVCache(model, manifest.max_batch, slots, manifest.torch_dtype)
+    ck, cv = cache.k, cache.v
     lengths = torch.zeros(B, dtype=torch.long)
     if kind == "prefill":
         return tokens, positions, ck, cv, lengths, torch.zeros(B, dtype=torch.long)
@@ -48,4 +44,4 @@ def step_names(manifest: Manifest) -> list[str]:
 def export_step(model: Transformer, manifest: Manifest, name: str) -> torch.export.ExportedProgram:
     module = PrefillStep(model) if name.startswith("prefill") else DecodeStep(model)
     with torch.no_grad():
-        return torch.export.export(module, step_inputs(manifest, name), strict=True)
+        return torch.export.export(module, step_inputs(model, manifest, name), strict=True)

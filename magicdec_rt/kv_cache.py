@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from .model import ModelConfig
+from .model import Transformer
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, rows: int, slots: int, dtype: torch.dtype):
-        shape = (cfg.num_layers, rows, cfg.num_kv_heads, slots, cfg.head_dim)
+    """K/V for ``rows`` sequences of up to ``slots`` tokens, for the KV heads ``model`` holds (its
+    shard of them under tensor parallelism)."""
+
+    def __init__(self, model: Transformer, rows: int, slots: int, dtype: torch.dtype):
+        shape = (model.cfg.num_layers, rows, model.kv_heads, slots, model.cfg.head_dim)
         # Zeros, not empty: masked slots still meet V in ``p @ V``, and 0 * NaN would poison rows.
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
@@ -47,8 +50,8 @@ class KVCache:
 
 
 class StreamingCache(KVCache):
-    def __init__(self, cfg: ModelConfig, rows: int, sinks: int, budget: int, max_gamma: int, dtype):
-        super().__init__(cfg, rows, budget + max_gamma, dtype)
+    def __init__(self, model: Transformer, rows: int, sinks: int, budget: int, max_gamma: int, dtype):
+        super().__init__(model, rows, budget + max_gamma, dtype)
         self.sinks, self.budget = sinks, budget
 
     def valid(self, length: int) -> int:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .parallel import Shard
+
 # Blocks of at least this many tokens use the fused attention kernel (see Attention).
 SDPA_MIN_BLOCK = 16
 
@@ -76,10 +78,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """This rank's KV heads and their query heads (all of them when not sharded)."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.cfg = cfg
-        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.shard = shard
+        k0, k1 = shard.span(cfg.num_kv_heads)
+        self.kv, self.group, self.d = k1 - k0, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        h, kv, d = self.kv * self.group, self.kv, self.d
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
@@ -87,8 +93,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache_k, cache_v, cache_bias, causal_bias):
         B, T, _ = x.shape
-        kv, d = self.cfg.num_kv_heads, self.cfg.head_dim
-        group = self.cfg.num_heads // kv
+        kv, d, group = self.kv, self.d, self.group
         q = self.q_proj(x).view(B, T, kv, group, d).permute(0, 2, 3, 1, 4)  # [B,kv,G,T,d]
         k = self.k_proj(x).view(B, T, kv, d).transpose(1, 2)  # [B,kv,T,d]
         v = self.v_proj(x).view(B, T, kv, d).transpose(1, 2)
@@ -99,7 +104,7 @@ class Attention(nn.Module):
         else:
             o = self._attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
         o = o.view(B, kv, group, T, d).permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)
-        return self.o_proj(o), k, v
+        return self.shard.all_reduce(self.o_proj(o)), k, v
 
     @staticmethod
     def _attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
@@ -137,21 +142,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.shard = shard
+        i0, i1 = shard.span(cfg.intermediate_size)
+        self.gate_proj = nn.Linear(cfg.hidden_size, i1 - i0, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, i1 - i0, bias=False)
+        self.down_proj = nn.Linear(i1 - i0, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, shard)
+        self.mlp = MLP(cfg, shard)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -163,19 +170,29 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     """Parameter names follow the Hugging Face Llama layout (minus the ``model.`` prefix), so an
-    HF checkpoint loads with a plain ``load_state_dict``."""
+    HF checkpoint loads with a plain ``load_state_dict`` (after ``parallel.shard_state`` when
+    sharded). The embedding is replicated on every rank; the LM head holds this rank's vocabulary
+    slice."""
 
-    def __init__(self, cfg: ModelConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0):
+    def __init__(self, cfg: ModelConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0, shard: Shard = Shard()):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, shard
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_span(cfg.vocab_size)[2], bias=False)
+        if cfg.tie_word_embeddings and shard.world == 1:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads held here: the width of this rank's caches."""
+        return self.layers[0].self_attn.kv
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.shard.gather_vocab(self.lm_head(h), self.cfg.vocab_size).float()
 
     def hidden(self, tokens, positions, cache_k, cache_v, lengths):
         """Final-norm hidden states [B,T,H] and the new K/V [layers,B,kv,T,d] of the block."""
@@ -211,7 +228,7 @@ class DecodeStep(nn.Module):
 
     def forward(self, tokens, positions, cache_k, cache_v, lengths):
         h, k, v = self.model.hidden(tokens, positions, cache_k, cache_v, lengths)
-        return self.model.lm_head(h).float(), k, v
+        return self.model.logits(h), k, v
 
 
 class PrefillStep(nn.Module):
@@ -225,4 +242,4 @@ class PrefillStep(nn.Module):
     def forward(self, tokens, positions, cache_k, cache_v, lengths, last):
         h, k, v = self.model.hidden(tokens, positions, cache_k, cache_v, lengths)
         h_last = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
-        return self.model.lm_head(h_last).float(), k, v
+        return self.model.logits(h_last), k, v

@@ -76,9 +76,15 @@ class Runtime:
         self.directory, self.manifest, self.steps, self.tokenizer = directory, manifest, steps, tokenizer
         self.show_progress = show_progress
         m, dt = manifest, manifest.torch_dtype
-        self.full = KVCache(m.model, m.max_batch, m.max_seq_len, dt)
-        self.draft = StreamingCache(m.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt)
+        self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt)
+        self.draft = StreamingCache(steps.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt)
         self.last_stats: dict = {}
+        self._request = 0  # the caches belong to the newest request; older streams must stop
+
+    @property
+    def rank(self) -> int:
+        """This process's tensor-parallel rank (0 when not sharded)."""
+        return self.steps.model.shard.rank
 
     @classmethod
     def load(cls, engine_dir: str | Path, show_progress: bool = False) -> "Runtime":
@@ -166,19 +172,30 @@ class Runtime:
         for ev in self.stream(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, gamma):
             if ev.result is not None:
                 results[ev.index] = ev.result
+        if self.rank != 0:
+            return []  # under tensor parallelism only rank 0 answers; the others did their part
         return [results[i] for i in sorted(results)]
 
     def stream(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                stop=None, gamma=None) -> Iterator[StreamEvent]:
         """Yields tokens as they are accepted; each prompt's last event carries its result.
-        The request is validated before the first event."""
+        The request is validated before the first event. Under tensor parallelism every rank
+        must iterate its stream (each drives its shard); all ranks see the same events."""
         rows, sp, gamma = self._requests(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, gamma)
         return self._serve(rows, sp, gamma)
 
     def _serve(self, rows, sp, gamma):
+        self._request += 1
+        request = self._request
         totals = _Totals()
         for start in range(0, len(rows), self.manifest.max_batch):
-            yield from self._wave(rows[start : start + self.manifest.max_batch], sp, gamma, totals)
+            for event in self._wave(rows[start : start + self.manifest.max_batch], sp, gamma, totals):
+                yield event
+                if self._request != request:
+                    raise RuntimeError(
+                        "this stream was abandoned for a later request on the same Runtime, which "
+                        "reused its caches; a Runtime serves one request at a time"
+                    )
         self.last_stats = totals.summary(rows, gamma)
 
     # ------------------------------------------------------------------ the loop

@@ -121,3 +121,14 @@ def test_string_prompts_and_chat_without_template(tiny_runtime):
     assert a.token_ids == b.token_ids and a.prompt_tokens == 4
     with pytest.raises(RequestError, match="prompt 0: chat messages could not be rendered"):
         tiny_runtime.generate([[{"role": "user", "content": "w1"}]], max_new_tokens=5)
+
+
+def test_an_abandoned_stream_cannot_resume_over_a_later_request(tiny_runtime):
+    first = tiny_runtime.stream(MIXED, max_new_tokens=20)
+    next(first)
+    later = tiny_runtime.generate(MIXED[:2], max_new_tokens=5)
+    assert len(later) == 2
+    with pytest.raises(RuntimeError, match="abandoned for a later request on the same Runtime"):
+        next(first)
+    # The runtime itself is unharmed.
+    assert tiny_runtime.generate(MIXED[:2], max_new_tokens=5)[0].token_ids == later[0].token_ids

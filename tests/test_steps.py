@@ -36,7 +36,7 @@ def test_chunked_steps_match_transformers(tmp_path, rope):
     ids = torch.randint(0, 16, (2, 40))
     with torch.no_grad():
         ref = hf(ids).logits
-    cache = KVCache(model.cfg, 2, 64, torch.float32)
+    cache = KVCache(model, 2, 64, torch.float32)
     got, pos = [], 0
     with torch.no_grad():
         for T in (20, 16, 1, 3):
@@ -54,7 +54,7 @@ def test_prefill_step_returns_logits_at_last(tiny_engine):
     model = load_model_dir(tiny_engine, torch.float32)
     toks = torch.randint(0, 16, (2, 8))
     pos = torch.arange(8).expand(2, 8)
-    c = KVCache(model.cfg, 2, 16, torch.float32)
+    c = KVCache(model, 2, 16, torch.float32)
     zero = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
         full, _, _ = DecodeStep(model)(toks, pos, c.k, c.v, zero)
@@ -72,7 +72,7 @@ def test_every_step_exports_at_static_shapes(tiny_engine):
     small = manifest.context_buckets[0]
     for name in ("draft", f"prefill@{small}", "verify0@128", f"verify{manifest.max_gamma}@{small}"):
         ep = export_step(model, manifest, name)
-        args = list(step_inputs(manifest, name))
+        args = list(step_inputs(model, manifest, name))
         torch.manual_seed(1)
         args[0] = torch.randint(0, 16, args[0].shape)
         args[2], args[3] = torch.randn_like(args[2]), torch.randn_like(args[3])
@@ -101,8 +101,8 @@ def test_draft_attends_exactly_to_sinks_and_window(tiny_engine):
     torch.manual_seed(2)
     for L in (5, 8, 30):  # shorter than, equal to, and far beyond the draft budget
         seq = torch.randint(0, 16, (1, L + gamma))
-        full = KVCache(model.cfg, 1, 64, torch.float32)
-        draft = StreamingCache(model.cfg, 1, sinks, budget, gamma, torch.float32)
+        full = KVCache(model, 1, 64, torch.float32)
+        draft = StreamingCache(model, 1, sinks, budget, gamma, torch.float32)
         with torch.no_grad():
             _, k, v = DecodeStep(model)(seq[:, :L], torch.arange(L)[None], full.k, full.v, torch.zeros(1, dtype=torch.long))
         full.write(0, 0, k[:, 0], v[:, 0])
@@ -135,11 +135,11 @@ def test_draft_attends_exactly_to_sinks_and_window(tiny_engine):
 def test_streaming_cache_ring_keeps_sinks_and_recent(tiny_engine):
     """After committing positions one round at a time, the ring holds exactly the sinks and the
     most recent (budget - sinks) positions."""
-    cfg = read_manifest(tiny_engine).model
-    full = KVCache(cfg, 1, 64, torch.float32)
+    model = load_model_dir(tiny_engine, torch.float32)
+    full = KVCache(model, 1, 64, torch.float32)
     # Tag each position's key with its own index so slots can be read back as positions.
     full.k[:] = torch.arange(64, dtype=torch.float32)[None, None, None, :, None]
-    draft = StreamingCache(cfg, 1, 2, 8, 3, torch.float32)
+    draft = StreamingCache(model, 1, 2, 8, 3, torch.float32)
     pos = 0
     for n in (5, 1, 4, 2, 4, 9, 3):
         draft.absorb(full, 0, pos, pos + n)
