@@ -59,8 +59,9 @@ class Shard:
             return logits
         from torch.distributed import _functional_collectives as funcol
 
-        full = funcol.wait_tensor(funcol.all_gather_tensor(logits.contiguous(), logits.dim() - 1, _group()))
-        return full[..., :vocab]
+        # Gathered along dim 0, the one every backend's all-gather supports, then moved back.
+        full = funcol.wait_tensor(funcol.all_gather_single(logits.movedim(-1, 0).contiguous(), 0, _group()))
+        return full.movedim(0, -1)[..., :vocab]
 
 
 def _group():

@@ -116,3 +116,22 @@ def test_embedded_model_world_2_equals_world_1(smol_engine, smol_runtime, tmp_pa
     r0, r1 = run_world(two, prompts, 12, tmp_path)
     assert r0["greedy"] == want
     assert [r0["full_k"][2], r1["full_k"][2]] == [2, 1]
+
+
+def test_torchrun_cli_prints_once_and_fails_cleanly(tiny_engine, tmp_path):
+    """The documented command: `torchrun --nproc-per-node 2 -m magicdec_rt.cli ...`."""
+    import subprocess
+    import sys
+
+    eng = with_world_size(tiny_engine, tmp_path / "w2", 2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(_free_port()), "-m", "magicdec_rt.cli", "--engine", str(eng)]
+    ok = subprocess.run(torchrun + ["--json", "--max-new-tokens", "6", "w1 w2 w3"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)  # one JSON document: only rank 0 printed
+    want = Runtime.load(tiny_engine).generate(["w1 w2 w3"], max_new_tokens=6)[0].token_ids
+    assert out["results"][0]["token_ids"] == want
+    bad = subprocess.run(torchrun + ["--top-k", "-2", "w1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    ours = [line for line in bad.stderr.splitlines() if line.startswith("magicdec-generate: error:")]
+    assert ours == ["magicdec-generate: error: top_k=-2 is out of range: must be an integer >= 0 (0 disables it)"] * 2
