@@ -46,7 +46,7 @@ def rank_main(rank, world, port, engine, prompts, new_tokens, gamma, out):
     rt = Runtime.load(engine)
     report = {"rank": rank, "kv_heads": rt.steps.model.kv_heads,
               "cache_MiB": (rt.full.nbytes() + rt.draft.nbytes()) / 2**20,
-              "weights_MiB": sum(t.nbytes for t in rt.steps.model.state_dict().values()) / 2**20}
+              "weights_MiB": sum({t.data_ptr(): t.nbytes for t in rt.steps.model.state_dict().values()}.values()) / 2**20}
     for mode, g in (("autoregressive", 0), ("magicdec", gamma)):
         out_tokens = rt.generate(prompts, max_new_tokens=new_tokens, gamma=g)
         s = rt.last_stats
