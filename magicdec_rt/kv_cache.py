@@ -37,10 +37,10 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def view(self, rows: int, slots: int | None = None):
-        """The first ``rows`` rows and ``slots`` slots, as step inputs (a view, no copy)."""
+    def view(self, rows: slice, slots: int | None = None):
+        """Rows ``rows`` and the first ``slots`` slots, as step inputs (a view, no copy)."""
         s = self.slots if slots is None else slots
-        return self.k[:, :rows, :, :s], self.v[:, :rows, :, :s]
+        return self.k[:, rows, :, :s], self.v[:, rows, :, :s]
 
     def write(self, row: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k, v`` of shape [layers, kv_heads, n, head_dim] into slots [slot, slot+n)."""

@@ -1,9 +1,10 @@
 """The runtime: owns the caches, lengths and RNG, and runs the MagicDec loop.
 
-Per wave of up to ``max_batch`` prompts:
+Up to ``max_batch`` prompts run at once, each in a slot of the preallocated caches; when one
+finishes and more are waiting, the next is admitted into its slot (continuous batching).
 
-1. Prefill every prompt in fixed-size chunks into the full cache, then copy its sinks and recent
-   window into the draft cache; sample the first token from the last prompt position.
+1. Prefill a prompt in fixed-size chunks into its row of the full cache, then copy its sinks and
+   recent window into the draft cache; sample the first token from the last prompt position.
 2. Repeat until every row is finished: ``gamma`` draft steps (``[B, 1]`` over the draft cache),
    one verify step (``[B, gamma+1]`` over the full cache, at the smallest context bucket covering
    the longest live row), then accept/reject per row (``sampling.accept``). Row ``b`` keeps its own
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -188,14 +190,13 @@ class Runtime:
         self._request += 1
         request = self._request
         totals = _Totals()
-        for start in range(0, len(rows), self.manifest.max_batch):
-            for event in self._wave(rows[start : start + self.manifest.max_batch], sp, gamma, totals):
-                yield event
-                if self._request != request:
-                    raise RuntimeError(
-                        "this stream was abandoned for a later request on the same Runtime, which "
-                        "reused its caches; a Runtime serves one request at a time"
-                    )
+        for event in self._run(rows, sp, gamma, totals):
+            yield event
+            if self._request != request:
+                raise RuntimeError(
+                    "this stream was abandoned for a later request on the same Runtime, which "
+                    "reused its caches; a Runtime serves one request at a time"
+                )
         self.last_stats = totals.summary(rows, gamma)
 
     # ------------------------------------------------------------------ the loop
@@ -205,7 +206,8 @@ class Runtime:
             return None
         return torch.stack([r.uniforms(n) for r in rows])
 
-    def _prefill(self, rows: Sequence[_Row], gamma: int) -> torch.Tensor:
+    def _prefill(self, slot0: int, rows: Sequence[_Row], gamma: int) -> torch.Tensor:
+        """Prefill ``rows`` into cache rows [slot0, slot0 + len(rows)); logits of their last tokens."""
         m, B, C = self.manifest, len(rows), self.manifest.prefill_chunk
         P = [len(r.prompt) for r in rows]
         first = torch.empty(B, m.model.vocab_size)
@@ -218,39 +220,57 @@ class Runtime:
             positions = (start + torch.arange(C)).expand(B, C)
             lengths = torch.tensor([min(p, start) for p in P])
             last = torch.tensor([min(max(p - 1 - start, 0), C - 1) for p in P])
-            ck, cv = self.full.view(B, m.bucket(max(1, int(lengths.max()))))
+            ck, cv = self.full.view(slice(slot0, slot0 + B), m.bucket(max(1, int(lengths.max()))))
             logits, k, v = self.steps.prefill(tokens, positions, ck, cv, lengths, last)
             for b, p in enumerate(P):
                 n = min(max(p - start, 0), C)
                 if n:
-                    self.full.write(b, start, k[:, b, :, :n], v[:, b, :, :n])
+                    self.full.write(slot0 + b, start, k[:, b, :, :n], v[:, b, :, :n])
                 if start <= p - 1 < start + C:
                     first[b] = logits[b]
         if gamma:
             for b, p in enumerate(P):
-                self.draft.absorb(self.full, b, 0, p)
+                self.draft.absorb(self.full, slot0 + b, 0, p)
         return first
 
-    def _wave(self, rows: list[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
-        m, B = self.manifest, len(rows)
-        t0 = time.perf_counter()
-        first = self._prefill(rows, gamma)
+    def _admit(self, slot0: int, rows: Sequence[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
+        """Prefill ``rows`` into consecutive slots from ``slot0`` and emit their first tokens."""
+        t = time.perf_counter()
+        first = self._prefill(slot0, rows, gamma)
         u = self._uniforms(rows, sp, 1)
         nxt, _ = select(first, sp, None if u is None else 1.0 - u[:, 0])
-        totals.prefill += time.perf_counter() - t0
-        lengths = [len(r.prompt) for r in rows]
         for b, r in enumerate(rows):
             self._push(r, [int(nxt[b])])
-        yield from self._events(rows)
-        t_loop = time.perf_counter()
-        while not all(r.done for r in rows):
+        totals.prefill += time.perf_counter() - t
+        return nxt
+
+    def _run(self, rows: list[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
+        """Continuous batching over ``min(len(rows), max_batch)`` slots: the first rows are
+        prefilled together; whenever a row finishes and prompts are waiting, the next one is
+        prefilled into the freed slot and joins the following round. Finished rows with nobody to
+        replace them ride along (static shapes) and are ignored."""
+        m = self.manifest
+        B = min(len(rows), m.max_batch)
+        slots, waiting = list(rows[:B]), deque(rows[B:])
+        nxt = self._admit(0, slots, sp, gamma, totals)
+        lengths = [len(r.prompt) for r in slots]
+        yield from self._events(slots)
+        while True:
+            for b in range(B):
+                while slots[b].done and waiting:  # a new row can finish at its first token
+                    slots[b] = waiting.popleft()
+                    nxt[b] = self._admit(b, slots[b : b + 1], sp, gamma, totals)[0]
+                    lengths[b] = len(slots[b].prompt)
+                    yield from self._events(slots[b : b + 1])
+            if all(r.done for r in slots):
+                return
+            t_round = time.perf_counter()
             L = torch.tensor(lengths)
-            t = time.perf_counter()
             drafts, qs = [], []
             if gamma:
-                u = self._uniforms(rows, sp, gamma)
+                u = self._uniforms(slots, sp, gamma)
                 base = [self.draft.valid(n) for n in lengths]
-                dk, dv = self.draft.view(B)
+                dk, dv = self.draft.view(slice(0, B))
                 x = nxt
                 for i in range(gamma):
                     logits, k, v = self.steps.decode(x[:, None], (L + i)[:, None], dk, dv, torch.tensor(base) + i)
@@ -259,16 +279,16 @@ class Runtime:
                     x, q = select(logits[:, 0], sp, None if u is None else 1.0 - u[:, i])
                     drafts.append(x)
                     qs.append(q)
-            totals.draft += time.perf_counter() - t
+            totals.draft += time.perf_counter() - t_round
             t = time.perf_counter()
             tokens = torch.stack([nxt, *drafts], dim=1)
-            live = [n for n, r in zip(lengths, rows) if not r.done]
-            ck, cv = self.full.view(B, m.bucket(max(live)))
+            live = [n for n, r in zip(lengths, slots) if not r.done]
+            ck, cv = self.full.view(slice(0, B), m.bucket(max(live)))
             logits, k, v = self.steps.decode(tokens, L[:, None] + torch.arange(gamma + 1), ck, cv, L)
             totals.verify += time.perf_counter() - t
             totals.verify_steps += 1
             totals.draft_steps += gamma
-            u = self._uniforms(rows, sp, gamma + 1)
+            u = self._uniforms(slots, sp, gamma + 1)
             acc, extra = accept(
                 tokens[:, 1:],
                 torch.stack(qs, dim=1) if qs and qs[0] is not None else None,
@@ -277,7 +297,7 @@ class Runtime:
                 None if u is None else u[:, :gamma],
                 None if u is None else 1.0 - u[:, gamma],
             )
-            for b, r in enumerate(rows):
+            for b, r in enumerate(slots):
                 if r.done:
                     continue
                 a = int(acc[b])
@@ -291,8 +311,8 @@ class Runtime:
                         self.draft.absorb(self.full, b, lengths[b], lengths[b] + a + 1)
                     lengths[b] += a + 1
             nxt = extra
-            yield from self._events(rows)
-        totals.decode += time.perf_counter() - t_loop
+            totals.decode += time.perf_counter() - t_round
+            yield from self._events(slots)
 
     # ------------------------------------------------------------------ output
 

@@ -53,7 +53,7 @@ def test_bad_request_is_rejected_and_next_request_is_served(tiny_runtime, baseli
     assert [r.token_ids for r in tiny_runtime.generate(GOOD, max_new_tokens=10)] == baseline
 
 
-def test_more_prompts_than_the_batch_are_served_in_waves(tiny_runtime, baseline):
+def test_more_prompts_than_the_batch_are_all_served(tiny_runtime, baseline):
     prompts = GOOD * 9  # 18 prompts, engine batch 8
     out = tiny_runtime.generate(prompts, max_new_tokens=10)
     assert [r.index for r in out] == list(range(18))

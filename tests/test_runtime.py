@@ -132,3 +132,20 @@ def test_an_abandoned_stream_cannot_resume_over_a_later_request(tiny_runtime):
         next(first)
     # The runtime itself is unharmed.
     assert tiny_runtime.generate(MIXED[:2], max_new_tokens=5)[0].token_ids == later[0].token_ids
+
+
+def test_finished_slots_are_refilled_with_waiting_prompts(tiny_runtime):
+    """20 prompts of mixed lengths through 8 slots: a waiting prompt enters as soon as any row
+    finishes (not when the whole batch has), and every result equals the prompt run alone, greedy
+    and with seeded sampling."""
+    prompts = [MIXED[i % 5][: 3 + (7 * i) % 50] for i in range(20)]
+    for kw in (dict(gamma=3), dict(gamma=2, temperature=0.9, seed=11)):
+        first_seen, finished, results = {}, {}, {}
+        for n, ev in enumerate(tiny_runtime.stream(prompts, max_new_tokens=25, **kw)):
+            first_seen.setdefault(ev.index, n)
+            if ev.result is not None:
+                finished[ev.index], results[ev.index] = n, ev.result
+        assert any(first_seen[i] < finished[j] for i in range(8, 20) for j in range(8))
+        for i, p in enumerate(prompts):
+            alone = dict(kw, seed=kw["seed"] + i) if "seed" in kw else kw
+            assert results[i].token_ids == tiny_runtime.generate([p], max_new_tokens=25, **alone)[0].token_ids, i
