@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "longctx"
+from speedup import DEFAULT_CORPUS, ROOT, load_prompts  # bench/ is this script's directory
 
 
 def engine_for_world(engine: Path, world: int, into: Path) -> Path:
@@ -75,11 +74,7 @@ def main():
     args = p.parse_args()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.engine)
-    files = sorted(args.corpus.glob("*.txt"))
-    if not files:
-        sys.exit(f"tensor_parallel.py: error: no .txt files in {str(args.corpus)!r}; pass --corpus DIR")
-    prompts = [tok(files[i % len(files)].read_text()).input_ids[: args.context] for i in range(args.batch)]
+    prompts = load_prompts(AutoTokenizer.from_pretrained(args.engine), args.corpus, args.batch, args.context)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in (1, 2):
