@@ -370,17 +370,22 @@ def _final_text_end(r: _Row) -> int:
     return max(end, r.sent_text)
 
 
-def _row_stats(r: _Row) -> dict:
-    drafted = r.rounds and len(r.prefix_hits) * r.rounds
+def _acceptance(rounds: int, accepted: int, hits: list[int], gamma: int) -> dict:
+    """Speculation statistics over ``rounds`` verifies. ``hits[i]``: rounds whose first ``i + 1``
+    drafts were all accepted, so ``per_position_acceptance`` is unconditional and non-increasing."""
+    drafted = rounds * gamma
     return {
-        "drafts": r.rounds,
+        "drafts": rounds,
         "draft_tokens": drafted,
-        "accepted_tokens": r.accepted,
-        "acceptance_rate": r.accepted / drafted if drafted else None,
-        "mean_accepted_length": 1 + r.accepted / r.rounds if r.rounds else None,
-        "per_position_acceptance": [h / r.rounds for h in r.prefix_hits] if r.rounds else [],
-        "new_tokens": len(r.tokens),
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_length": 1 + accepted / rounds if rounds else None,
+        "per_position_acceptance": [h / rounds for h in hits] if rounds else [],
     }
+
+
+def _row_stats(r: _Row) -> dict:
+    return _acceptance(r.rounds, r.accepted, r.prefix_hits, len(r.prefix_hits)) | {"new_tokens": len(r.tokens)}
 
 
 @dataclass
@@ -393,22 +398,15 @@ class _Totals:
     verify_steps: int = 0
 
     def summary(self, rows: Sequence[_Row], gamma: int) -> dict:
-        rounds = sum(r.rounds for r in rows)
-        accepted = sum(r.accepted for r in rows)
-        new = sum(len(r.tokens) for r in rows)
         hits = [sum(r.prefix_hits[i] for r in rows if r.prefix_hits) for i in range(gamma)]
+        new = sum(len(r.tokens) for r in rows)
         # The first token of each row comes from prefill, not from the decoding loop.
         decoded = new - len(rows)
         return {
             "gamma": gamma,
             "prompts": len(rows),
             "new_tokens": new,
-            "drafts": rounds,
-            "draft_tokens": rounds * gamma,
-            "accepted_tokens": accepted,
-            "acceptance_rate": accepted / (rounds * gamma) if rounds and gamma else None,
-            "mean_accepted_length": 1 + accepted / rounds if rounds else None,
-            "per_position_acceptance": [h / rounds for h in hits] if rounds else [],
+            **_acceptance(sum(r.rounds for r in rows), sum(r.accepted for r in rows), hits, gamma),
             "prefill_s": self.prefill,
             "decode_s": self.decode,
             "draft_s": self.draft,
