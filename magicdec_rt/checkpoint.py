@@ -38,7 +38,7 @@ def load_source(path: str | Path):
     """(HF config, HF-named state dict, tokenizer, generation config) from an HF directory or a
     GGUF file. GGUF tensors are dequantized to float32 by transformers (which also undoes
     llama.cpp's Q/K row permutation)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not path.exists():
@@ -60,11 +60,7 @@ def load_source(path: str | Path):
     state = dict(hf.state_dict())
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    try:
-        gen = GenerationConfig.from_model_config(hf.config) if hf.generation_config is None else hf.generation_config
-    except Exception:  # noqa: BLE001 -- a model without generation defaults is fine
-        gen = None
-    return config, state, tokenizer, gen
+    return config, state, tokenizer, hf.generation_config
 
 
 def hf_config_object(config: dict):

@@ -103,7 +103,7 @@ class Attention(nn.Module):
             o = self._attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
         else:
             o = self._attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
-        o = o.view(B, kv, group, T, d).permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)
+        o = o.permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)  # [B,kv,G,T,d] -> [B,T,heads*d]
         return self.shard.all_reduce(self.o_proj(o)), k, v
 
     @staticmethod
