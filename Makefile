@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ENGINE := engines/smollm2-135m-instruct
 
-.PHONY: setup demo test bench-quick
+.PHONY: setup demo test
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,3 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
-
-bench-quick: setup
-	$(BIN)/python bench/speedup.py --quick

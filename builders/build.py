@@ -3,12 +3,13 @@ directory that ``magicdec_rt.Runtime.load`` serves."""
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import shutil
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,36 +17,48 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import magicdec_rt
-from magicdec_rt.checkpoint import embedded_model_path, load_source
+from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source
 from magicdec_rt.cli import OneLineErrors, run_cli
-from magicdec_rt.engine import DTYPES, FORMAT_VERSION, Manifest, default_buckets
+from magicdec_rt.engine import BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
+
+from .compile import REL_ERR_BOUND, build_graph, kv_pool, reusable, sha256_file
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_options(dtype, max_batch, max_gamma, default_gamma, draft_sinks, draft_budget, prefill_chunk, world_size):
+def _check_options(backend, device, dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
+                   prefill_chunk, world_size, buckets):
     """Everything that can be checked before the (slow) model load."""
+    if backend not in BACKENDS:
+        raise EngineError(f"backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from magicdec_rt import trt_backend
+
+        trt_backend.require()
+        if device != "cuda":
+            raise EngineError("backend 'tensorrt' builds engines for CUDA devices only; use --device cuda")
+    if device not in DEVICES:
+        raise EngineError(f"device {device!r} is not supported; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' was requested but this machine has no CUDA device")
     if dtype not in DTYPES:
         raise EngineError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    limits = (("max_batch", max_batch, 1), ("max_gamma", max_gamma, 0), ("prefill_chunk", prefill_chunk, 1),
-              ("world_size", world_size, 1))
+    limits = (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1), ("world_size", world_size, 1))
     for name, value, low in limits:
         if value < low:
             raise EngineError(f"{name}={value} is out of range: must be >= {low}")
-    if not 0 <= default_gamma <= max_gamma:
-        raise EngineError(f"default_gamma={default_gamma} is out of range: must be in [0, max_gamma={max_gamma}]")
+    if not gammas or min(gammas) < 0:
+        raise EngineError(f"gammas={gammas} is out of range: each gamma must be >= 0")
+    if default_gamma not in gammas:
+        raise EngineError(f"default_gamma={default_gamma} is not one of the built gammas {sorted(gammas)}")
     if not 0 <= draft_sinks < draft_budget:
         raise EngineError(f"draft_sinks={draft_sinks} is out of range: must be in [0, draft_budget={draft_budget})")
+    if buckets is not None and min(buckets, default=1) < 1:
+        raise EngineError(f"buckets={buckets} is out of range: each bucket must be >= 1")
+    if backend != "eager" and world_size > 1:
+        raise EngineError(f"backend {backend!r} with world_size={world_size} is not supported yet; use --backend eager")
 
 
 def build_engine(
@@ -53,26 +66,33 @@ def build_engine(
     model: str | Path | None = None,
     *,
     backend: str = "eager",
+    device: str = "cpu",
     dtype: str = "float32",
     max_batch: int = 8,
     max_seq_len: int | None = None,
     max_gamma: int = 6,
+    gammas: list[int] | None = None,
     default_gamma: int = 3,
     draft_sinks: int = 16,
     draft_budget: int = 256,
     prefill_chunk: int = 256,
+    buckets: list[int] | None = None,
     world_size: int = 1,
+    jobs: int | None = None,
+    max_rel_err: float | None = None,
     show_progress: bool = True,
 ) -> Path:
-    """Build an engine directory and return its path."""
-    _check_options(dtype, max_batch, max_gamma, default_gamma, draft_sinks, draft_budget, prefill_chunk, world_size)
+    """Build an engine directory and return its path. The engine serves ``gammas`` (default every
+    gamma in [0, max_gamma]; 0, plain decoding, is always included) at every context bucket
+    (default: powers of two from 512, ending at ``max_seq_len``)."""
+    gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
+    _check_options(backend, device, dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
+                   prefill_chunk, world_size, buckets)
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file() and not (out / "graphs").is_dir():
         raise EngineError(f"output {str(out)!r} is not empty and not an engine directory; refusing to overwrite it")
     t0 = time.perf_counter()
-    stages = tqdm(total=4, desc="build", unit="stage", disable=not show_progress)
-    stages.set_postfix_str("load model")
     config, state, tokenizer, generation = load_source(source)
     cfg = ModelConfig.from_hf(config)
     seq = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
@@ -80,79 +100,150 @@ def build_engine(
         raise EngineError(f"max_seq_len={seq} is out of range: must be in [1, {cfg.max_position_embeddings}] (the model's context)")
     if world_size > cfg.num_kv_heads:
         raise EngineError(f"world_size={world_size} is out of range: must be in [1, {cfg.num_kv_heads}] (the model's KV heads)")
-    stages.update()
+    if buckets and max(buckets) > seq:
+        raise EngineError(f"bucket {max(buckets)} is out of range: buckets must be <= max_seq_len {seq}")
+    context_buckets = default_buckets(seq) if buckets is None else sorted(set(buckets) | {seq})
 
-    stages.set_postfix_str("write weights")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    # The manifest goes last: a directory without one is not an engine, so an interrupted build
+    # never leaves a stale engine behind (its finished graphs are still reused next time).
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    stages.update()
-
-    stages.set_postfix_str("write tokenizer")
     tokenizer.save_pretrained(out)
     if generation is not None:
         generation.save_pretrained(out)
     eos = set()
     for src in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
         eos.update([src] if isinstance(src, int) else (src or []))
-    stages.update()
 
-    stages.set_postfix_str("manifest")
+    versions = {
+        "magicdec_rt": magicdec_rt.__version__,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "format_version": FORMAT_VERSION,
+    }
+    if backend == "tensorrt":
+        from magicdec_rt import trt_backend
+
+        versions |= trt_backend.versions()
     manifest = Manifest(
         name=out.name,
         backend=backend,
+        device=device,
         dtype=dtype,
         max_batch=max_batch,
         max_seq_len=seq,
         prefill_chunk=prefill_chunk,
-        gammas=list(range(max_gamma + 1)),
+        gammas=gammas,
         default_gamma=default_gamma,
         draft_sinks=draft_sinks,
         draft_budget=draft_budget,
-        context_buckets=default_buckets(seq),
+        context_buckets=context_buckets,
         model=cfg,
         eos_token_ids=sorted(eos),
-        model_sha256=_sha256(out / "model.safetensors"),
+        model_sha256=sha256_file(out / "model.safetensors"),
         world_size=world_size,
-        versions={
-            "magicdec_rt": magicdec_rt.__version__,
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "format_version": FORMAT_VERSION,
-        },
+        versions=versions,
     )
+    graphs = {}
+    if backend != "eager":
+        bound = REL_ERR_BOUND[dtype] if max_rel_err is None else max_rel_err
+        graphs = _build_graphs(out, manifest, bound, jobs or min(2, os.cpu_count() or 1), show_progress)
+    manifest = replace(manifest, graphs=graphs)
     manifest.check(str(out))
     doc = manifest.to_json()
     doc["model"]["source"] = str(source)
     (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
-    stages.update()
-    stages.close()
-    size = sum(f.stat().st_size for f in out.iterdir())
+    _report(out, manifest, time.perf_counter() - t0)
+    return out
+
+
+def _report(out: Path, m: Manifest, seconds: float) -> None:
+    weights = (out / "model.safetensors").stat().st_size
+    graphs = sum(g["bytes"] for g in m.graphs.values())
     print(
-        f"built {out} ({backend}, {dtype}, batch {max_batch}, max_seq_len {seq}) in "
-        f"{time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB",
+        f"built {out} ({m.backend} on {m.device}, {m.dtype}, batch {m.max_batch}, max_seq_len {m.max_seq_len}, "
+        f"gammas {m.gammas}, buckets {m.context_buckets}) in {seconds:.1f} s: weights {weights / 2**20:.1f} MiB"
+        + (f", {len(m.graphs)} graphs {graphs / 2**20:.1f} MiB" if m.graphs else ""),
         file=sys.stderr,
     )
-    return out
+
+
+# One model per worker process, loaded once: workers compile graphs in parallel (Inductor's code
+# generation is single-threaded Python).
+_worker: dict = {}
+
+
+def _worker_init(out: Path, manifest: Manifest, threads: int) -> None:
+    torch.set_num_threads(threads)
+    model = load_model_dir(out, manifest.torch_dtype).to(manifest.device)
+    reference = model if manifest.dtype == "float32" else load_model_dir(out, torch.float32).to(manifest.device)
+    _worker.update(out=out, manifest=manifest, model=model, reference=reference, pool=kv_pool(model, manifest))
+
+
+def _worker_build(name: str, bound: float) -> tuple[str, dict]:
+    w = _worker
+    return name, build_graph(w["model"], w["reference"], w["manifest"], name, w["out"], w["pool"], bound)
+
+
+def _build_graphs(out: Path, manifest: Manifest, bound: float, jobs: int, show_progress: bool) -> dict:
+    names = manifest.step_names()
+    graphs = {n: e for n in names if (e := reusable(out, manifest, n)) is not None}
+    todo = [n for n in names if n not in graphs]
+    bar = tqdm(total=len(names), initial=len(graphs), desc=f"compile ({manifest.backend})", unit="graph",
+               disable=not show_progress)
+    if todo:
+        jobs = max(1, min(jobs, len(todo)))
+        threads = max(1, torch.get_num_threads() // jobs)
+        if jobs == 1:
+            _worker_init(out, manifest, torch.get_num_threads())
+            results = (_worker_build(n, bound) for n in todo)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(out, manifest, threads))
+            futures = [pool.submit(_worker_build, n, bound) for n in todo]
+            results = (f.result() for f in as_completed(futures))
+        try:
+            for name, entry in results:
+                graphs[name] = entry
+                bar.set_postfix_str(f"{name} {entry['compile_s']:.0f} s")
+                bar.update()
+        finally:
+            if jobs > 1:
+                pool.shutdown(cancel_futures=True)
+            _worker.clear()
+    bar.close()
+    # Graphs of steps this build no longer has are stale.
+    for f in (out / "graphs").glob("*") if (out / "graphs").is_dir() else []:
+        if f.stem not in graphs:
+            f.unlink()
+    return {n: graphs[n] for n in names}
 
 
 def main(argv=None) -> int:
     p = OneLineErrors(prog="magicdec-build", description=__doc__)
     p.add_argument("--model", help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help=f"engine directory (default: engines/NAME, NAME {EMBEDDED_NAME} for the embedded model)")
-    p.add_argument("--backend", default="eager", choices=["eager"])
+    p.add_argument("--backend", default="eager", choices=list(BACKENDS),
+                   help="eager (reference), aoti (AOTInductor, CPU or CUDA), tensorrt (torch-tensorrt, CUDA)")
+    p.add_argument("--device", default="cpu", choices=list(DEVICES))
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--max-gamma", type=int, default=6, help="the engine serves every gamma in [0, max-gamma]")
+    p.add_argument("--gammas", type=int, nargs="+", help="the gammas to build instead (0 is always added)")
+    p.add_argument("--buckets", type=int, nargs="+",
+                   help="context buckets (max-seq-len is always added; default powers of two from 512)")
     p.add_argument("--gamma", type=int, default=3, help="default gamma for requests that name none")
     p.add_argument("--draft-sinks", type=int, default=16)
     p.add_argument("--draft-budget", type=int, default=256, help="draft cache slots: sinks + recent window")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
+    p.add_argument("--max-rel-err", type=float, default=None,
+                   help="validation bound on a graph's relative error against eager (default per dtype)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -166,7 +257,12 @@ def main(argv=None) -> int:
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
             max_gamma=args.max_gamma,
+            gammas=args.gammas,
             default_gamma=args.gamma,
+            buckets=args.buckets,
+            device=args.device,
+            jobs=args.jobs,
+            max_rel_err=args.max_rel_err,
             draft_sinks=args.draft_sinks,
             draft_budget=args.draft_budget,
             prefill_chunk=args.prefill_chunk,

@@ -1,13 +1,23 @@
-"""An engine directory: ``manifest.json`` + an HF-format model directory + the step backends.
+"""An engine directory: ``manifest.json``, an HF-format model directory (the weights every backend
+reads) and, for compiled backends, one compiled graph per step.
 
-The manifest says what was built (model, dtype, batch, lengths, gamma set, draft configuration,
-context buckets, backend); loading checks it and explains any problem in one sentence.
+The manifest says what was built (model hash, dtype, batch, context buckets, gamma set, draft
+configuration, backend, device, versions, and each graph's file and build key); loading checks it
+against this machine and explains any mismatch in one sentence.
+
+Steps, by name (``Manifest.step_names``):
+* ``prefill@S``: one row's prefill chunk ``[1, prefill_chunk]`` over ``S`` full-cache slots;
+* ``draft``: ``[max_batch, 1]`` over the draft cache (``budget + max_gamma`` slots);
+* ``verify{g}@S``: ``[max_batch, g + 1]`` over ``S`` full-cache slots (``verify0`` is the plain
+  autoregressive step).
+``S`` runs over the context buckets: the runtime lays the full cache out at the smallest bucket
+covering its live rows, so a step reads what the context needs, not what the engine allows.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,8 +28,9 @@ from .model import DecodeStep, ModelConfig, PrefillStep
 from .parallel import Shard, init_from_env
 
 FORMAT = "magicdec-rt-engine"
-FORMAT_VERSION = 1
-BACKENDS = ("eager",)
+FORMAT_VERSION = 2
+BACKENDS = ("eager", "aoti", "tensorrt")
+DEVICES = ("cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,6 +52,8 @@ class Manifest:
     model_sha256: str
     versions: dict
     world_size: int = 1
+    device: str = "cpu"
+    graphs: dict = field(default_factory=dict)  # step name -> {"file", "key", "bytes", "rel_err"}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -50,9 +63,26 @@ class Manifest:
     def max_gamma(self) -> int:
         return max(self.gammas)
 
+    @property
+    def draft_slots(self) -> int:
+        return self.draft_budget + self.max_gamma
+
     def bucket(self, length: int) -> int:
         """The smallest context bucket holding ``length`` cache slots."""
         return next(b for b in self.context_buckets if b >= length)
+
+    def step_names(self) -> list[str]:
+        names = [f"prefill@{b}" for b in self.context_buckets] + ["draft"]
+        return names + [f"verify{g}@{b}" for g in self.gammas for b in self.context_buckets]
+
+    def step_shape(self, name: str) -> tuple[int, int, int]:
+        """``(batch, block tokens, cache slots)`` of the step ``name``."""
+        kind, _, slots = name.partition("@")
+        if kind == "prefill":
+            return 1, self.prefill_chunk, int(slots)
+        if kind == "draft":
+            return self.max_batch, 1, self.draft_slots
+        return self.max_batch, int(kind.removeprefix("verify")) + 1, int(slots)
 
     def to_json(self) -> dict:
         return {
@@ -60,7 +90,7 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "backend": self.backend,
-            "device": "cpu",
+            "device": self.device,
             "dtype": self.dtype,
             "max_batch": self.max_batch,
             "max_seq_len": self.max_seq_len,
@@ -79,6 +109,7 @@ class Manifest:
             "vocab_size": self.model.vocab_size,
             "eos_token_ids": self.eos_token_ids,
             "versions": self.versions,
+            "graphs": self.graphs,
         }
 
     @classmethod
@@ -108,6 +139,8 @@ class Manifest:
                 model_sha256=str(d["model"]["sha256"]),
                 versions=dict(d.get("versions", {})),
                 world_size=int(d["world_size"]),
+                device=d["device"],
+                graphs=dict(d.get("graphs", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -120,6 +153,8 @@ class Manifest:
 
         if self.backend not in BACKENDS:
             bad(f"backend {self.backend!r} is not available; this runtime has {', '.join(BACKENDS)}")
+        if self.device not in DEVICES:
+            bad(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             bad(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_batch < 1:
@@ -130,18 +165,23 @@ class Manifest:
             bad(f"world_size {self.world_size} must be in [1, {self.model.num_kv_heads}] (the model's KV heads)")
         if self.prefill_chunk < 1:
             bad(f"prefill_chunk {self.prefill_chunk} must be >= 1")
-        if not self.gammas or min(self.gammas) < 0 or self.default_gamma not in self.gammas:
-            bad(f"gammas {self.gammas} must be non-negative and include default_gamma {self.default_gamma}")
+        if self.gammas != sorted(set(self.gammas)) or self.gammas[:1] != [0] or self.default_gamma not in self.gammas:
+            bad(f"gammas {self.gammas} must be increasing, start at 0 and include default_gamma {self.default_gamma}")
         if not 0 <= self.draft_sinks < self.draft_budget:
             bad(f"draft sinks {self.draft_sinks} must be in [0, budget {self.draft_budget})")
-        if self.context_buckets != sorted(self.context_buckets) or self.context_buckets[-1:] != [self.max_seq_len]:
-            bad(f"context_buckets {self.context_buckets} must be increasing and end at max_seq_len {self.max_seq_len}")
+        if (self.context_buckets != sorted(set(self.context_buckets)) or self.context_buckets[0] < 1
+                or self.context_buckets[-1] != self.max_seq_len):
+            bad(f"context_buckets {self.context_buckets} must be increasing, positive and end at max_seq_len {self.max_seq_len}")
+        missing = [n for n in self.step_names() if n not in self.graphs]
+        if self.backend != "eager" and missing:
+            bad(f"no compiled graph for step {missing[0]!r} ({len(missing)} missing); rebuild the engine")
 
 
 def default_buckets(max_seq_len: int, smallest: int = 512) -> list[int]:
-    """Powers of two from ``smallest`` up to, and ending at, ``max_seq_len``."""
+    """Powers of two from ``smallest`` up to ``max_seq_len``, which ends the list; a power of two
+    within 20% of ``max_seq_len`` is dropped (it would save little and cost graphs)."""
     buckets, b = [], smallest
-    while b < max_seq_len:
+    while b < 0.8 * max_seq_len:
         buckets.append(b)
         b *= 2
     return buckets + [max_seq_len]
@@ -161,29 +201,94 @@ def read_manifest(directory: str | Path) -> Manifest:
     return Manifest.from_json(data, repr(str(path)))
 
 
-class EagerSteps:
-    """The reference backend: the model's step modules, run directly."""
+def check_environment(directory: Path, m: Manifest) -> None:
+    """Can this process run the engine? One sentence per reason it cannot."""
+    where = f"engine {str(directory)!r}"
+    built = m.versions.get("torch")
+    if m.backend != "eager" and built != torch.__version__:
+        raise EngineError(
+            f"{where} was compiled with torch {built} and this is torch {torch.__version__}: compiled graphs "
+            f"only load in the torch that built them; install torch=={built} or rebuild the engine"
+        )
+    if m.device == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"{where} was built for CUDA and this machine has no CUDA device; build one with --device cpu")
+    if m.backend == "tensorrt":
+        from . import trt_backend
+
+        trt_backend.check_versions(where, m.versions)
+
+
+def graph_inputs(inputs) -> list[torch.Tensor]:
+    """A step's inputs flattened as the compiled graph takes them; they must be dense, because
+    compiled graphs index their inputs as if they were (AOTInductor does not check)."""
+    flat = [t for x in inputs for t in (x if isinstance(x, (list, tuple)) else [x])]
+    bad = next((i for i, t in enumerate(flat) if not t.is_contiguous()), None)
+    if bad is not None:
+        raise RuntimeError(f"step input {bad} (shape {list(flat[bad].shape)}) is not contiguous")
+    return flat
+
+
+def step_module(model, name: str) -> torch.nn.Module:
+    return PrefillStep(model) if name.startswith("prefill") else DecodeStep(model)
+
+
+def load_aoti_graph(path: Path, module: torch.nn.Module):
+    """A compiled AOTInductor package whose weights are ``module``'s own tensors: packages are built
+    without their weights, so every graph of an engine shares the one copy loaded from
+    ``model.safetensors`` (no copy is made; ``module`` must outlive the graph)."""
+    graph = torch._inductor.aoti_load_package(str(path))
+    tensors = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+    names = graph.get_constant_fqns()
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise EngineError(f"compiled graph {str(path)!r} needs weights the model lacks ({missing[0]}); rebuild the engine")
+    graph.load_constants({n: tensors[n] for n in names}, check_full_update=True, user_managed=True)
+    return graph
+
+
+class Steps:
+    """The engine's steps, called by name: ``steps(name, tokens, positions, cache_k, cache_v,
+    lengths[, last])`` -> ``(logits, new_k, new_v)``. ``eager`` runs the model's modules (the
+    reference); compiled backends run the graph built for ``name``."""
 
     def __init__(self, directory: Path, manifest: Manifest, shard: Shard):
         for f in ("config.json", "model.safetensors"):
             if not (directory / f).is_file():
                 raise EngineError(f"engine {str(directory)!r} is missing {f}; rebuild it")
-        # Each rank slices its shard from the one checkpoint at load: for eager, that slice is
-        # the per-rank engine.
+        # Each rank slices its shard from the one checkpoint at load.
         self.model = load_model_dir(directory, manifest.torch_dtype, shard)
         if ModelConfig.from_hf(json.loads((directory / "config.json").read_text())) != manifest.model:
             raise EngineError(f"engine {str(directory)!r}: config.json does not match the manifest's model; rebuild it")
-        self._prefill = PrefillStep(self.model)
-        self._decode = DecodeStep(self.model)
+        self.device = torch.device(manifest.device)
+        self.model.to(self.device)
+        self.backend = manifest.backend
+        self._modules = {"prefill": PrefillStep(self.model), "decode": DecodeStep(self.model)}
+        self._graphs = {}
+        for name, entry in manifest.graphs.items():
+            path = directory / entry["file"]
+            if not path.is_file():
+                raise EngineError(f"engine {str(directory)!r} is missing {entry['file']} (step {name}); rebuild it")
+            module = self._module(name)
+            if self.backend == "aoti":
+                self._graphs[name] = load_aoti_graph(path, module)
+            else:
+                from . import trt_backend
+
+                self._graphs[name] = trt_backend.load(path)
+
+    def _module(self, name: str) -> torch.nn.Module:
+        return self._modules["prefill" if name.startswith("prefill") else "decode"]
 
     @torch.inference_mode()
-    def prefill(self, tokens, positions, cache_k, cache_v, lengths, last):
-        return self._prefill(tokens, positions, cache_k, cache_v, lengths, last)
+    def __call__(self, name: str, *inputs):
+        if self.backend == "eager":
+            return self._module(name)(*inputs)
+        graph = self._graphs.get(name)
+        if graph is None:
+            raise RuntimeError(f"the engine has no graph for step {name!r}")
+        return tuple(graph(*graph_inputs(inputs)))
 
-    @torch.inference_mode()
-    def decode(self, tokens, positions, cache_k, cache_v, lengths):
-        return self._decode(tokens, positions, cache_k, cache_v, lengths)
 
-
-def load_steps(directory: Path, manifest: Manifest):
-    return EagerSteps(directory, manifest, init_from_env(manifest.world_size))
+def load_steps(directory: Path, manifest: Manifest) -> Steps:
+    check_environment(directory, manifest)
+    return Steps(directory, manifest, init_from_env(manifest.world_size))

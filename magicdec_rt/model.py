@@ -1,8 +1,9 @@
 """One Llama-family decoder for every step and every backend.
 
 A step is a pure function ``(tokens [B,T], positions [B,T], cache_k, cache_v, lengths [B])
--> (logits, new_k, new_v)``. Caches are ``[layers, B, kv_heads, S, head_dim]`` and hold the
-post-RoPE keys of earlier tokens; ``lengths[b]`` says how many cache slots of row ``b`` are valid.
+-> (logits, new_k, new_v)``. Caches are sequences of one ``[B, kv_heads, S, head_dim]`` tensor per
+layer (separate contiguous inputs, as compiled engines need them) holding the post-RoPE keys of
+earlier tokens; ``lengths[b]`` says how many cache slots of row ``b`` are valid.
 A query attends to the valid cache slots of its row and, causally, to the ``T`` tokens of its own
 block. Nothing is written: the step returns the K/V of its ``T`` tokens and the runtime decides
 where they go (full cache, sparse draft cache, or nowhere if rejected).
@@ -197,7 +198,7 @@ class Transformer(nn.Module):
     def hidden(self, tokens, positions, cache_k, cache_v, lengths):
         """Final-norm hidden states [B,T,H] and the new K/V [layers,B,kv,T,d] of the block."""
         T = tokens.shape[1]
-        S = cache_k.shape[3]
+        S = cache_k[0].shape[2]
         x = self.embed_tokens(tokens)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -3,13 +3,19 @@
 Up to ``max_batch`` prompts run at once, each in a slot of the preallocated caches; when one
 finishes and more are waiting, the next is admitted into its slot (continuous batching).
 
-1. Prefill a prompt in fixed-size chunks into its row of the full cache, then copy its sinks and
-   recent window into the draft cache; sample the first token from the last prompt position.
+1. Prefill each prompt in fixed-size chunks into its row of the full cache (one row per call, the
+   rows taking turns chunk by chunk so the cache grows evenly), then copy its sinks and recent
+   window into the draft cache; sample the first token from the last prompt position.
 2. Repeat until every row is finished: ``gamma`` draft steps (``[B, 1]`` over the draft cache),
-   one verify step (``[B, gamma+1]`` over the full cache, at the smallest context bucket covering
-   the longest live row), then accept/reject per row (``sampling.accept``). Row ``b`` keeps its own
-   ``a_b`` drafts plus one extra token; the target K/V of the tokens it committed go into the full
-   cache and the draft cache, and its length advances by ``a_b + 1``: acceptance is ragged.
+   one verify step (``[B, gamma+1]`` over the full cache), then accept/reject per row
+   (``sampling.accept``). Row ``b`` keeps its own ``a_b`` drafts plus one extra token; the target
+   K/V of the tokens it committed go into the full cache and the draft cache, and its length
+   advances by ``a_b + 1``: acceptance is ragged.
+
+Before every full-cache step the cache is laid out at the smallest context bucket that holds the
+live rows and the tokens about to be written, so the step's cost follows the actual context.
+The decoding loop reads the device once per verify (the accept/reject outcome); the draft loop and
+the cache writes need no host values.
 
 ``gamma = 0`` runs the same loop with no draft: the verify step is then a plain autoregressive
 decode step, which is the baseline MagicDec is measured against.
@@ -74,12 +80,22 @@ class _Row:
 
 
 class Runtime:
-    def __init__(self, directory: Path, manifest: Manifest, steps, tokenizer, show_progress=False):
-        self.directory, self.manifest, self.steps, self.tokenizer = directory, manifest, steps, tokenizer
+    def __init__(self, directory: Path, manifest: Manifest, steps, tokenizer, show_progress=False, cuda_graphs=None):
+        self.directory, self.manifest, self.tokenizer = directory, manifest, tokenizer
         self.show_progress = show_progress
+        # CUDA graphs (on by default on CUDA; not yet run on a GPU). Forcing them on elsewhere
+        # runs the same bookkeeping without capture.
+        self.cuda_graphs = steps.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._raw_steps, self._draft_graphs = steps, {}
+        if self.cuda_graphs:
+            from .cuda_graphs import GraphedSteps
+
+            steps = GraphedSteps(steps)
+        self.steps = steps
         m, dt = manifest, manifest.torch_dtype
-        self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt)
-        self.draft = StreamingCache(steps.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt)
+        self.device = steps.device
+        self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt, self.device)
+        self.draft = StreamingCache(steps.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt, self.device)
         self.last_stats: dict = {}
         self._request = 0  # the caches belong to the newest request; older streams must stop
 
@@ -89,14 +105,14 @@ class Runtime:
         return self.steps.model.shard.rank
 
     @classmethod
-    def load(cls, engine_dir: str | Path, show_progress: bool = False) -> "Runtime":
+    def load(cls, engine_dir: str | Path, show_progress: bool = False, cuda_graphs: bool | None = None) -> "Runtime":
         from transformers import AutoTokenizer
 
         directory = Path(engine_dir)
         manifest = read_manifest(directory)
         steps = load_steps(directory, manifest)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return cls(directory, manifest, steps, tokenizer, show_progress)
+        return cls(directory, manifest, steps, tokenizer, show_progress, cuda_graphs)
 
     # ------------------------------------------------------------------ requests
 
@@ -204,107 +220,143 @@ class Runtime:
     def _uniforms(self, rows: Sequence[_Row], sp: SamplingParams, n: int):
         if sp.greedy:
             return None
-        return torch.stack([r.uniforms(n) for r in rows])
+        return torch.stack([r.uniforms(n) for r in rows]).to(self.device)
 
-    def _prefill(self, slot0: int, rows: Sequence[_Row], gamma: int) -> torch.Tensor:
-        """Prefill ``rows`` into cache rows [slot0, slot0 + len(rows)); logits of their last tokens."""
-        m, B, C = self.manifest, len(rows), self.manifest.prefill_chunk
+    def _fit(self, slots: int) -> None:
+        """Lay the full cache out at the smallest bucket holding ``slots`` slots per row."""
+        self.full.resize(self.manifest.bucket(min(max(slots, 1), self.manifest.max_seq_len)))
+
+    def _prefill(self, slots: Sequence[int], rows: Sequence[_Row], gamma: int, live: int) -> torch.Tensor:
+        """Prefill ``rows`` into cache rows ``slots``, whose other live rows hold up to ``live``
+        slots; returns the logits of each prompt's last token."""
+        m, C, dev = self.manifest, self.manifest.prefill_chunk, self.device
         P = [len(r.prompt) for r in rows]
-        first = torch.empty(B, m.model.vocab_size)
+        first = torch.empty(len(rows), m.model.vocab_size, device=dev)
         chunks = range(0, max(P), C)
         for start in tqdm(chunks, desc="prefill", unit="chunk", disable=not self.show_progress or len(chunks) < 4):
-            tokens = torch.zeros(B, C, dtype=torch.long)
-            for b, r in enumerate(rows):
+            self._fit(max([live] + [min(p, start + C) for p in P]))
+            name = f"prefill@{self.full.slots}"
+            positions = (start + torch.arange(C, device=dev))[None]
+            for b, (slot, r) in enumerate(zip(slots, rows)):
                 seg = r.prompt[start : start + C]
-                tokens[b, : len(seg)] = torch.tensor(seg, dtype=torch.long)
-            positions = (start + torch.arange(C)).expand(B, C)
-            lengths = torch.tensor([min(p, start) for p in P])
-            last = torch.tensor([min(max(p - 1 - start, 0), C - 1) for p in P])
-            ck, cv = self.full.view(slice(slot0, slot0 + B), m.bucket(max(1, int(lengths.max()))))
-            logits, k, v = self.steps.prefill(tokens, positions, ck, cv, lengths, last)
-            for b, p in enumerate(P):
-                n = min(max(p - start, 0), C)
-                if n:
-                    self.full.write(slot0 + b, start, k[:, b, :, :n], v[:, b, :, :n])
-                if start <= p - 1 < start + C:
-                    first[b] = logits[b]
+                if not seg:
+                    continue
+                tokens = torch.tensor([seg + [0] * (C - len(seg))], device=dev)
+                ck, cv = self.full.view(slice(slot, slot + 1))
+                lengths = torch.tensor([start], device=dev)
+                last = torch.tensor([len(seg) - 1], device=dev)
+                logits, k, v = self.steps(name, tokens, positions, ck, cv, lengths, last)
+                self.full.write(slot, start, k[:, 0, :, : len(seg)], v[:, 0, :, : len(seg)])
+                if start + len(seg) == P[b]:
+                    first[b] = logits[0]
         if gamma:
-            for b, p in enumerate(P):
-                self.draft.absorb(self.full, slot0 + b, 0, p)
+            for slot, p in zip(slots, P):
+                self.draft.absorb(self.full, slot, 0, p)
         return first
 
-    def _admit(self, slot0: int, rows: Sequence[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
-        """Prefill ``rows`` into consecutive slots from ``slot0`` and emit their first tokens."""
+    def _admit(self, slots, rows, sp, gamma, totals: "_Totals", live: int = 0) -> list[int]:
+        """Prefill ``rows`` into cache rows ``slots`` and emit their first tokens."""
         t = time.perf_counter()
-        first = self._prefill(slot0, rows, gamma)
+        first = self._prefill(slots, rows, gamma, live)
         u = self._uniforms(rows, sp, 1)
         nxt, _ = select(first, sp, None if u is None else 1.0 - u[:, 0])
+        nxt = nxt.tolist()
         for b, r in enumerate(rows):
-            self._push(r, [int(nxt[b])])
+            self._push(r, [nxt[b]])
         totals.prefill += time.perf_counter() - t
         return nxt
+
+    def _draft_round(self, gamma: int, sp: SamplingParams, x, L, base, u):
+        """``gamma`` draft steps from tokens ``x`` at positions ``L``, writing each draft token's K/V
+        into the draft cache's scratch slots ``base + i``. Returns the drafts ``[B, gamma]`` and
+        their distributions ``[B, gamma, V]`` (empty when greedy). Tensors only, no host values:
+        on CUDA the whole round is one graph."""
+        dk, dv = self.draft.view(slice(None))
+        drafts, qs = [], []
+        for i in range(gamma):
+            logits, k, v = self._raw_steps("draft", x[:, None], (L + i)[:, None], dk, dv, base + i)
+            self.draft.write_column(base + i, k, v)
+            x, q = select(logits[:, 0], sp, None if sp.greedy else 1.0 - u[:, i])
+            drafts.append(x)
+            qs.append(q if q is not None else logits.new_zeros(0))
+        return torch.stack(drafts, dim=1), torch.stack(qs, dim=1)
+
+    def _draft(self, gamma: int, sp: SamplingParams, *inputs):
+        """The draft round, replayed as one captured graph per ``(gamma, sp)`` when graphs are on
+        (captured at its first call, whose outputs the capture produces)."""
+        if not self.cuda_graphs:
+            return self._draft_round(gamma, sp, *inputs)
+        graph = self._draft_graphs.get((gamma, sp))
+        if graph is None:
+            from .cuda_graphs import GraphedCall
+
+            round_ = lambda *a: self._draft_round(gamma, sp, *a)  # noqa: E731
+            graph = self._draft_graphs[(gamma, sp)] = GraphedCall(round_, inputs, pinned=lambda i, t: False)
+            return graph.outputs
+        return graph(*inputs)
 
     def _run(self, rows: list[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
         """Continuous batching over ``min(len(rows), max_batch)`` slots: the first rows are
         prefilled together; whenever a row finishes and prompts are waiting, the next one is
         prefilled into the freed slot and joins the following round. Finished rows with nobody to
         replace them ride along (static shapes) and are ignored."""
-        m = self.manifest
+        m, dev = self.manifest, self.device
         B = min(len(rows), m.max_batch)
-        slots, waiting = list(rows[:B]), deque(rows[B:])
-        nxt = self._admit(0, slots, sp, gamma, totals)
+        if B < m.max_batch:  # static batch: pad with finished rows
+            rows_in = list(rows[:B]) + [_Row(-1, [0], 1, [], None, done=True, reported=True)] * (m.max_batch - B)
+        else:
+            rows_in = list(rows[:B])
+        slots, waiting = rows_in, deque(rows[B:])
+        nxt = self._admit(range(B), slots[:B], sp, gamma, totals) + [0] * (m.max_batch - B)
         lengths = [len(r.prompt) for r in slots]
         yield from self._events(slots)
         while True:
             for b in range(B):
                 while slots[b].done and waiting:  # a new row can finish at its first token
                     slots[b] = waiting.popleft()
-                    nxt[b] = self._admit(b, slots[b : b + 1], sp, gamma, totals)[0]
+                    live = max([n for n, r in zip(lengths, slots) if not r.done and r is not slots[b]], default=0)
+                    nxt[b] = self._admit([b], [slots[b]], sp, gamma, totals, live)[0]
                     lengths[b] = len(slots[b].prompt)
-                    yield from self._events(slots[b : b + 1])
+                    yield from self._events([slots[b]])
             if all(r.done for r in slots):
                 return
             t_round = time.perf_counter()
-            L = torch.tensor(lengths)
-            drafts, qs = [], []
+            L = torch.tensor(lengths, device=dev)
+            x = torch.tensor(nxt, device=dev)
+            drafts = qs = None
             if gamma:
                 u = self._uniforms(slots, sp, gamma)
-                base = [self.draft.valid(n) for n in lengths]
-                dk, dv = self.draft.view(slice(0, B))
-                x = nxt
-                for i in range(gamma):
-                    logits, k, v = self.steps.decode(x[:, None], (L + i)[:, None], dk, dv, torch.tensor(base) + i)
-                    for b in range(B):
-                        self.draft.write(b, base[b] + i, k[:, b], v[:, b])
-                    x, q = select(logits[:, 0], sp, None if u is None else 1.0 - u[:, i])
-                    drafts.append(x)
-                    qs.append(q)
+                base = torch.tensor([self.draft.valid(n) for n in lengths], device=dev)
+                drafts, qs = self._draft(gamma, sp, x, L, base, torch.zeros(0, device=dev) if u is None else u)
             totals.draft += time.perf_counter() - t_round
             t = time.perf_counter()
-            tokens = torch.stack([nxt, *drafts], dim=1)
-            live = [n for n, r in zip(lengths, slots) if not r.done]
-            ck, cv = self.full.view(slice(0, B), m.bucket(max(live)))
-            logits, k, v = self.steps.decode(tokens, L[:, None] + torch.arange(gamma + 1), ck, cv, L)
+            self._fit(max(n + gamma + 1 for n, r in zip(lengths, slots) if not r.done))
+            tokens = x[:, None] if drafts is None else torch.cat((x[:, None], drafts), dim=1)
+            ck, cv = self.full.view(slice(None))
+            positions = L[:, None] + torch.arange(gamma + 1, device=dev)
+            logits, k, v = self.steps(f"verify{gamma}@{self.full.slots}", tokens, positions, ck, cv, L)
             totals.verify += time.perf_counter() - t
             totals.verify_steps += 1
             totals.draft_steps += gamma
             u = self._uniforms(slots, sp, gamma + 1)
             acc, extra = accept(
                 tokens[:, 1:],
-                torch.stack(qs, dim=1) if qs and qs[0] is not None else None,
+                None if sp.greedy else qs,
                 logits,
                 sp,
                 None if u is None else u[:, :gamma],
                 None if u is None else 1.0 - u[:, gamma],
             )
+            # The one host synchronisation of the round: what each row accepted.
+            acc, extra, tokens = acc.tolist(), extra.tolist(), tokens.tolist()
             for b, r in enumerate(slots):
                 if r.done:
                     continue
-                a = int(acc[b])
+                a = acc[b]
                 r.rounds += 1
                 r.accepted += a
                 r.prefix_hits = _add_prefix(r.prefix_hits, a, gamma)
-                self._push(r, tokens[b, 1 : a + 1].tolist() + [int(extra[b])])
+                self._push(r, tokens[b][1 : a + 1] + [extra[b]])
                 if not r.done:
                     self.full.write(b, lengths[b], k[:, b, :, : a + 1], v[:, b, :, : a + 1])
                     if gamma:

@@ -58,19 +58,33 @@ def tiny_hf_model_dir(path: Path, vocab=16, layers=2, hidden=32, heads=4, kv_hea
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tmp_path_factory):
+def tiny_hf(tmp_path_factory):
+    return tiny_hf_model_dir(tmp_path_factory.mktemp("tiny-hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory, tiny_hf):
     """A tiny engine whose draft budget (2 sinks + 6 recent) is far smaller than its contexts."""
-    root = tmp_path_factory.mktemp("tiny")
-    src = tiny_hf_model_dir(root / "hf")
     return build_engine(
-        root / "engine", src, max_batch=8, max_seq_len=128, max_gamma=4, default_gamma=3,
-        draft_sinks=2, draft_budget=8, prefill_chunk=16, show_progress=False,
+        tmp_path_factory.mktemp("tiny") / "engine", tiny_hf, max_batch=8, max_seq_len=128, max_gamma=4, default_gamma=3,
+        draft_sinks=2, draft_budget=8, prefill_chunk=16, buckets=[16, 32, 64], show_progress=False,
     )
 
 
 @pytest.fixture(scope="session")
 def tiny_runtime(tiny_engine):
     return Runtime.load(tiny_engine)
+
+
+# The tiny model compiled with AOTInductor: two context buckets (so generation crosses one) and
+# gammas {0, 2}: 7 graphs, about a minute to build on 2 cores.
+TINY_AOTI = dict(max_batch=8, max_seq_len=128, gammas=[2], default_gamma=2, draft_sinks=2, draft_budget=8,
+                 prefill_chunk=16, buckets=[32], show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_aoti_engine(tmp_path_factory, tiny_hf):
+    return build_engine(tmp_path_factory.mktemp("tiny-aoti") / "engine", tiny_hf, backend="aoti", **TINY_AOTI)
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from builders import build
 from magicdec_rt import EngineError, RequestError, Runtime, cli
@@ -93,15 +95,19 @@ def test_corrupted_manifest(engine_copy):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda d: d.update(format_version=99), "has format_version 99; this runtime reads version 1: rebuild"),
+        (lambda d: d.update(format_version=99), "has format_version 99; this runtime reads version 2: rebuild"),
         (lambda d: d.update(format="other"), "is not a magicdec-rt engine manifest"),
-        (lambda d: d.update(backend="tensorrt"), "backend 'tensorrt' is not available; this runtime has eager"),
+        (lambda d: d.update(backend="onnx"), "backend 'onnx' is not available; this runtime has eager, aoti, tensorrt"),
+        (lambda d: d.update(backend="aoti"), "no compiled graph for step 'prefill@16'"),
+        (lambda d: d.update(context_buckets=[64, 16, 128]), "context_buckets [64, 16, 128] must be increasing"),
+        (lambda d: d.update(gammas=[1, 2, 3]), "gammas [1, 2, 3] must be increasing, start at 0"),
         (lambda d: d.pop("max_batch"), "is incomplete or malformed (KeyError: 'max_batch')"),
         (lambda d: d.update(max_seq_len=100000), "max_seq_len 100000 must be in [1, 256] (the model's context)"),
         (lambda d: d["draft"].update(sinks=9), "draft sinks 9 must be in [0, budget 8)"),
         (lambda d: d["model"]["config"].update(num_layers=3), "config.json does not match the manifest's model"),
     ],
-    ids=["version", "format", "backend", "missing-key", "seq-len", "sinks", "model-mismatch"],
+    ids=["version", "format", "backend", "no-graphs", "buckets", "gammas", "missing-key", "seq-len", "sinks",
+         "model-mismatch"],
 )
 def test_incompatible_manifest(engine_copy, edit, message):
     edit_manifest(engine_copy, edit)
@@ -122,7 +128,15 @@ def test_missing_weights(engine_copy):
         (["--model", "/no/such/model.gguf"], "model path '/no/such/model.gguf' does not exist"),
         (["--draft-sinks", "300"], "draft_sinks=300 is out of range: must be in [0, draft_budget=256)"),
         (["--max-batch", "0"], "max_batch=0 is out of range: must be >= 1"),
-        (["--gamma", "9"], "default_gamma=9 is out of range: must be in [0, max_gamma=6]"),
+        (["--gamma", "9"], "default_gamma=9 is not one of the built gammas [0, 1, 2, 3, 4, 5, 6]"),
+        (["--gammas", "2", "-1"], "gammas=[-1, 0, 2] is out of range: each gamma must be >= 0"),
+        (["--buckets", "0", "512"], "buckets=[0, 512] is out of range: each bucket must be >= 1"),
+        pytest.param(["--backend", "tensorrt", "--device", "cuda"], "backend 'tensorrt' needs torch-tensorrt, which is not installed",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None, reason="installed")),
+        pytest.param(["--device", "cuda"], "device 'cuda' was requested but this machine has no CUDA device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+        (["--backend", "aoti", "--world-size", "2"], "backend 'aoti' with world_size=2 is not supported yet"),
+        (["--backend", "onnx"], "argument --backend: invalid choice: 'onnx'"),
         (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
     ],
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builders.export import export_step, step_inputs, step_names
+from builders.export import export_step, step_inputs
 from magicdec_rt.checkpoint import load_model_dir
 from magicdec_rt.engine import read_manifest
 from magicdec_rt.kv_cache import KVCache, StreamingCache
@@ -66,17 +66,19 @@ def test_every_step_exports_at_static_shapes(tiny_engine):
     """Each step of the engine passes torch.export; the exported graph computes what eager does."""
     manifest = read_manifest(tiny_engine)
     model = load_model_dir(tiny_engine, torch.float32)
-    names = step_names(manifest)
-    assert {"draft", f"prefill@{manifest.max_seq_len}", f"verify3@{manifest.max_seq_len}"} <= set(names)
-    # One of each kind, at both ends of the bucket range (exporting all 30+ takes minutes).
-    small = manifest.context_buckets[0]
-    for name in ("draft", f"prefill@{small}", "verify0@128", f"verify{manifest.max_gamma}@{small}"):
+    names = manifest.step_names()
+    small, top = manifest.context_buckets[0], manifest.max_seq_len
+    assert {"draft", f"prefill@{small}", f"prefill@{top}", f"verify3@{top}", f"verify0@{small}"} <= set(names)
+    # One of each kind, at both ends of the bucket range (exporting all of them takes minutes).
+    for name in ("draft", f"prefill@{small}", f"verify0@{top}", f"verify{manifest.max_gamma}@{small}"):
         ep = export_step(model, manifest, name)
         args = list(step_inputs(model, manifest, name))
+        B, T, S = manifest.step_shape(name)
+        assert args[0].shape == (B, T) and all(c.shape == (B, model.kv_heads, S, model.cfg.head_dim) for c in args[2])
         torch.manual_seed(1)
         args[0] = torch.randint(0, 16, args[0].shape)
-        args[2], args[3] = torch.randn_like(args[2]), torch.randn_like(args[3])
-        args[4] = torch.randint(0, args[2].shape[3], args[4].shape)
+        args[2], args[3] = [torch.randn_like(c) for c in args[2]], [torch.randn_like(c) for c in args[3]]
+        args[4] = torch.randint(0, S, args[4].shape)
         eager = (PrefillStep(model) if name.startswith("prefill") else DecodeStep(model))
         with torch.no_grad():
             want = eager(*args)
@@ -147,3 +149,37 @@ def test_streaming_cache_ring_keeps_sinks_and_recent(tiny_engine):
         held = sorted(draft.k[0, 0, 0, : draft.valid(pos), 0].long().tolist())
         want = sorted(set(range(min(2, pos))) | set(range(max(2, pos - 6), pos)))
         assert held == want, (pos, held)
+
+
+def test_cache_resize_keeps_every_row_and_stays_dense(tiny_engine):
+    """Re-laying the full cache out for another bucket keeps the first slots of every (layer, row,
+    head), zeroes new slots, and leaves every layer and row view contiguous (as engines need)."""
+    model = load_model_dir(tiny_engine, torch.float32)
+    cache = KVCache(model, 3, 64, torch.float32)
+    cache.resize(8)
+    torch.manual_seed(0)
+    ref_k, ref_v = torch.randn_like(cache.k), torch.randn_like(cache.v)
+    cache.k.copy_(ref_k)
+    cache.v.copy_(ref_v)
+    for slots, keep in ((32, 8), (64, 8), (5, 5), (16, 5), (16, 5)):
+        cache.resize(slots)
+        assert cache.k.shape[3] == slots and cache.k.is_contiguous()
+        torch.testing.assert_close(cache.k[..., :keep, :], ref_k[..., :keep, :], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[..., :keep, :], ref_v[..., :keep, :], rtol=0, atol=0)
+        assert (cache.k[..., keep:, :] == 0).all() and (cache.v[..., keep:, :] == 0).all()
+        ks, vs = cache.view(slice(1, 2))
+        assert all(t.is_contiguous() and t.shape == (1, model.kv_heads, slots, model.cfg.head_dim) for t in ks + vs)
+    with pytest.raises(ValueError, match=r"slots 65 out of range \[1, 64\]"):
+        cache.resize(65)
+
+
+def test_write_column_writes_one_token_per_row(tiny_engine):
+    model = load_model_dir(tiny_engine, torch.float32)
+    cache = KVCache(model, 4, 16, torch.float32)
+    k = torch.randn(model.cfg.num_layers, 4, model.kv_heads, 1, model.cfg.head_dim)
+    slots = torch.tensor([0, 5, 15, 5])
+    cache.write_column(slots, k, -k)
+    for b in range(4):
+        torch.testing.assert_close(cache.k[:, b, :, slots[b]], k[:, b, :, 0])
+        torch.testing.assert_close(cache.v[:, b, :, slots[b]], -k[:, b, :, 0])
+    assert int((cache.k != 0).any(-1).sum()) == 4 * model.cfg.num_layers * model.kv_heads

@@ -1,0 +1,140 @@
+"""The AOTInductor backend on the tiny model: same greedy tokens as eager across a context-bucket
+change, graphs reused on rebuild, validation that stops a bad build, and load-time compatibility
+checks that explain themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from builders.build import build_engine
+from magicdec_rt import EngineError, Runtime, cli
+from magicdec_rt.engine import read_manifest
+
+from .conftest import TINY_AOTI
+
+# Prompts of 3..60 tokens: generation crosses the 32-slot bucket, and rows start in either bucket.
+PROMPTS = [[(7 * i + 3 * j) % 16 for j in range(n)] for i, n in enumerate((5, 20, 31, 40, 3, 60, 17, 9))]
+
+
+@pytest.fixture(scope="module")
+def aoti_runtime(tiny_aoti_engine):
+    return Runtime.load(tiny_aoti_engine)
+
+
+@pytest.fixture(scope="module")
+def eager_runtime(tmp_path_factory, tiny_hf):
+    return Runtime.load(build_engine(tmp_path_factory.mktemp("tiny-eager") / "engine", tiny_hf, **TINY_AOTI))
+
+
+def test_manifest_records_every_graph(tiny_aoti_engine):
+    m = read_manifest(tiny_aoti_engine)
+    assert m.backend == "aoti" and m.device == "cpu" and m.context_buckets == [32, 128] and m.gammas == [0, 2]
+    assert sorted(m.graphs) == sorted(["prefill@32", "prefill@128", "draft", "verify0@32", "verify0@128",
+                                       "verify2@32", "verify2@128"])
+    for name, g in m.graphs.items():
+        assert (tiny_aoti_engine / g["file"]).stat().st_size == g["bytes"]
+        assert max(g["rel_err"].values()) <= 1e-4, name  # the float32 bound the build enforced
+    assert m.versions["torch"] == torch.__version__ and len(m.model_sha256) == 64
+
+
+@pytest.mark.parametrize("gamma", [0, 2])
+def test_aoti_greedy_tokens_equal_eager(aoti_runtime, eager_runtime, gamma):
+    got = aoti_runtime.generate(PROMPTS, max_new_tokens=40, gamma=gamma)
+    want = eager_runtime.generate(PROMPTS, max_new_tokens=40, gamma=gamma)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert aoti_runtime.full.slots == 128  # the longest row ended past the first bucket
+    if gamma:
+        assert 0 < aoti_runtime.last_stats["acceptance_rate"] < 1
+
+
+def test_aoti_refill_and_bucket_shrink(aoti_runtime, eager_runtime):
+    """More prompts than rows: a long row finishes, short ones take its slot, and the cache is laid
+    out again at the smaller bucket; the tokens still equal eager's."""
+    prompts = [PROMPTS[5], *PROMPTS[:4]] * 2 + [PROMPTS[4]] * 3
+    kw = dict(max_new_tokens=12, gamma=2)
+    got = aoti_runtime.generate(prompts, **kw)
+    assert [r.token_ids for r in got] == [r.token_ids for r in eager_runtime.generate(prompts, **kw)]
+
+
+def test_generate_cli_uses_aoti_engine(tiny_aoti_engine, capsys):
+    assert cli.main(["--engine", str(tiny_aoti_engine), "--json", "--max-new-tokens", "8", "w1 w2 w3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["results"][0]["token_ids"]) == 8
+
+
+def test_rebuild_reuses_unchanged_graphs(tiny_aoti_engine, tiny_hf, capsys):
+    files = {p: p.stat().st_mtime_ns for p in (tiny_aoti_engine / "graphs").glob("*.pt2")}
+    before = read_manifest(tiny_aoti_engine).graphs
+    build_engine(tiny_aoti_engine, tiny_hf, backend="aoti", **TINY_AOTI)
+    assert read_manifest(tiny_aoti_engine).graphs == before
+    assert {p: p.stat().st_mtime_ns for p in (tiny_aoti_engine / "graphs").glob("*.pt2")} == files
+    assert "7 graphs" in capsys.readouterr().err
+
+
+def test_validation_failure_stops_the_build(tmp_path, tiny_hf):
+    """A bound no compiled graph can meet (compiled float32 differs from eager by ~1e-7): the build
+    stops at the first graph, names the step, bucket and error, and writes no manifest."""
+    opts = TINY_AOTI | dict(gammas=[], default_gamma=0, buckets=[], max_batch=2)
+    with pytest.raises(EngineError, match=r"step \S+ \(context bucket .+\) failed validation: compiled \S+ differ "
+                                          r"from the float32 reference by median relative error \S+, above the allowed "
+                                          r"1.00e-12 \(2 x eager float32's 0.00e\+00 \+ bound 1e-12\)"):
+        build_engine(tmp_path / "e", tiny_hf, backend="aoti", jobs=1, max_rel_err=1e-12, **opts)
+    assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+@pytest.fixture
+def aoti_copy(tiny_aoti_engine, tmp_path):
+    dst = tmp_path / "engine"
+    shutil.copytree(tiny_aoti_engine, dst)
+    return dst
+
+
+def _edit(engine, fn):
+    path = engine / "manifest.json"
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["versions"].update(torch="2.99.0"),
+         "was compiled with torch 2.99.0 and this is torch " + torch.__version__ + ": compiled graphs only load in the "
+         "torch that built them; install torch==2.99.0 or rebuild the engine"),
+        pytest.param(lambda d: d.update(device="cuda"), "was built for CUDA and this machine has no CUDA device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+        (lambda d: d.update(backend="tensorrt"), "backend 'tensorrt' needs torch-tensorrt, which is not installed"),
+        (lambda d: d["graphs"].pop("draft"), "no compiled graph for step 'draft' (1 missing); rebuild the engine"),
+    ],
+    ids=["torch-version", "no-cuda", "no-tensorrt", "graph-missing"],
+)
+def test_incompatible_compiled_engine(aoti_copy, edit, message):
+    _edit(aoti_copy, edit)
+    with pytest.raises(EngineError) as err:
+        Runtime.load(aoti_copy)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_graph_file(aoti_copy):
+    os.remove(aoti_copy / "graphs" / "verify2@32.pt2")
+    with pytest.raises(EngineError, match=r"is missing graphs/verify2@32.pt2 \(step verify2@32\); rebuild it"):
+        Runtime.load(aoti_copy)
+
+
+def test_compiled_steps_refuse_strided_inputs(aoti_runtime):
+    """AOTInductor reads inputs as dense arrays whatever their strides; the runtime guards it."""
+    m = aoti_runtime.manifest
+    aoti_runtime.full.resize(32)
+    k, v = aoti_runtime.full.view(slice(None))
+    B = m.max_batch
+    strided = [c[:, :, :16] for c in k]  # a bucket view of a larger layout
+    args = (torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long), strided, v,
+            torch.zeros(B, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"step input 2 \(shape \[8, 2, 16, 8\]\) is not contiguous"):
+        aoti_runtime.steps("verify0@32", *args)
