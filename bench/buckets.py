@@ -55,8 +55,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--backend", default="eager", choices=["eager", "aoti"])
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "buckets.json")
+    p.add_argument("--out", type=Path, help="default: bench/results/buckets-BACKEND.json")
     args = p.parse_args()
+    args.out = args.out or ROOT / "bench" / "results" / f"buckets-{args.backend}.json"
 
     from builders.build import build_engine
     from magicdec_rt import Runtime
