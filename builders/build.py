@@ -58,7 +58,13 @@ def _check_options(backend, device, dtype, max_batch, gammas, default_gamma, dra
     if buckets is not None and min(buckets, default=1) < 1:
         raise EngineError(f"buckets={buckets} is out of range: each bucket must be >= 1")
     if backend != "eager" and world_size > 1:
-        raise EngineError(f"backend {backend!r} with world_size={world_size} is not supported yet; use --backend eager")
+        # Tried with torch 2.13 on CPU/gloo: AOTInductor compiles the functional collectives into
+        # its C shim, but the compiled sharded step fails in _c10d_functional.wait_tensor at run
+        # time and its peer rank then waits for the collective timeout.
+        raise EngineError(
+            f"backend {backend!r} with world_size={world_size} is not supported: compiled graphs cannot run "
+            "torch's collectives here (AOTInductor's wait_tensor fails at run time); use --backend eager"
+        )
 
 
 def build_engine(

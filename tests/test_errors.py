@@ -135,7 +135,7 @@ def test_missing_weights(engine_copy):
                      marks=pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None, reason="installed")),
         pytest.param(["--device", "cuda"], "device 'cuda' was requested but this machine has no CUDA device",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
-        (["--backend", "aoti", "--world-size", "2"], "backend 'aoti' with world_size=2 is not supported yet"),
+        (["--backend", "aoti", "--world-size", "2"], "backend 'aoti' with world_size=2 is not supported: compiled graphs cannot run torch's collectives here"),
         (["--backend", "onnx"], "argument --backend: invalid choice: 'onnx'"),
         (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
     ],
