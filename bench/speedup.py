@@ -139,7 +139,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"| gamma | AR tok/s | MagicDec tok/s | speedup | acceptance | tokens/verify | ms AR / draft / verify |")
+    print("| gamma | AR tok/s | MagicDec tok/s | speedup | acceptance | tokens/verify | ms AR / draft / verify |")
     print("|---|---|---|---|---|---|---|")
     for pt in points:
         ms = pt["ms_per_step"]

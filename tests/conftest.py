@@ -101,6 +101,24 @@ def smol_runtime(smol_engine):
     return Runtime.load(smol_engine)
 
 
+def copy_engine(engine: Path, tmp_path: Path) -> Path:
+    """A scratch copy of a session engine, for tests that damage it."""
+    import shutil
+
+    dst = tmp_path / "engine"
+    shutil.copytree(engine, dst)
+    return dst
+
+
+def edit_manifest(engine: Path, fn) -> None:
+    import json
+
+    path = engine / "manifest.json"
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
 def longctx_texts() -> list[str]:
     if not LONGCTX.is_dir():
         pytest.skip(f"long-context corpus {LONGCTX} is not present")

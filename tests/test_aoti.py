@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from builders.build import build_engine
 from magicdec_rt import EngineError, Runtime, cli
 from magicdec_rt.engine import read_manifest
 
-from .conftest import TINY_AOTI
+from .conftest import TINY_AOTI, copy_engine, edit_manifest
 
 # Prompts of 3..60 tokens: generation crosses the 32-slot bucket, and rows start in either bucket.
 PROMPTS = [[(7 * i + 3 * j) % 16 for j in range(n)] for i, n in enumerate((5, 20, 31, 40, 3, 60, 17, 9))]
@@ -89,16 +88,7 @@ def test_validation_failure_stops_the_build(tmp_path, tiny_hf):
 
 @pytest.fixture
 def aoti_copy(tiny_aoti_engine, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(tiny_aoti_engine, dst)
-    return dst
-
-
-def _edit(engine, fn):
-    path = engine / "manifest.json"
-    doc = json.loads(path.read_text())
-    fn(doc)
-    path.write_text(json.dumps(doc))
+    return copy_engine(tiny_aoti_engine, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +105,7 @@ def _edit(engine, fn):
     ids=["torch-version", "no-cuda", "no-tensorrt", "graph-missing"],
 )
 def test_incompatible_compiled_engine(aoti_copy, edit, message):
-    _edit(aoti_copy, edit)
+    edit_manifest(aoti_copy, edit)
     with pytest.raises(EngineError) as err:
         Runtime.load(aoti_copy)
     assert message in str(err.value) and "\n" not in str(err.value)

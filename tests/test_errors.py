@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +11,8 @@ import torch
 
 from builders import build
 from magicdec_rt import EngineError, RequestError, Runtime, cli
+
+from .conftest import copy_engine, edit_manifest
 
 GOOD = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 1, 4, 1, 5]]
 
@@ -64,16 +64,7 @@ def test_more_prompts_than_the_batch_are_all_served(tiny_runtime, baseline):
 
 @pytest.fixture
 def engine_copy(tiny_engine, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(tiny_engine, dst)
-    return dst
-
-
-def edit_manifest(engine, fn):
-    path = engine / "manifest.json"
-    doc = json.loads(path.read_text())
-    fn(doc)
-    path.write_text(json.dumps(doc))
+    return copy_engine(tiny_engine, tmp_path)
 
 
 def test_unknown_engine_directory(tmp_path):
