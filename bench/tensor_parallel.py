@@ -25,15 +25,10 @@ from speedup import DEFAULT_CORPUS, ROOT, load_prompts  # bench/ is this script'
 
 
 def engine_for_world(engine: Path, world: int, into: Path) -> Path:
-    """The eager engine with another world size: links to the same files, a new manifest."""
-    into.mkdir(parents=True, exist_ok=True)
-    for f in engine.iterdir():
-        if f.name != "manifest.json":
-            (into / f.name).symlink_to(f.resolve())
-    doc = json.loads((engine / "manifest.json").read_text())
-    doc["world_size"] = world
-    (into / "manifest.json").write_text(json.dumps(doc))
-    return into
+    """The engine rebuilt for ``world`` ranks (one weights file per rank)."""
+    from builders.build import build_like
+
+    return engine if world == 1 else build_like(engine, into, world_size=world)
 
 
 def rank_main(rank, world, port, engine, prompts, new_tokens, gamma, out):

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import magicdec_rt
-from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source
+from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
 from magicdec_rt.cli import OneLineErrors, run_cli
-from magicdec_rt.engine import BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets
+from magicdec_rt.engine import BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets, read_manifest
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
 
@@ -116,6 +116,12 @@ def build_engine(
     (out / "manifest.json").unlink(missing_ok=True)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    # Tensor parallelism: one weights file per rank, so each rank reads only its slice.
+    for f in out.glob("rank*.safetensors"):
+        f.unlink()
+    if world_size > 1:
+        for rank, part in enumerate(rank_weights(weights, config, world_size)):
+            save_file(part, out / rank_file(rank), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save_pretrained(out)
     if generation is not None:
@@ -164,6 +170,17 @@ def build_engine(
     (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     _report(out, manifest, time.perf_counter() - t0)
     return out
+
+
+def build_like(engine: str | Path, out_dir: str | Path, **overrides) -> Path:
+    """An engine built with the settings of ``engine``, changing ``overrides`` (for example
+    ``world_size``). An engine directory is an HF model directory, so it is its own source."""
+    m = read_manifest(engine)
+    settings = dict(backend=m.backend, device=m.device, dtype=m.dtype, max_batch=m.max_batch,
+                    max_seq_len=m.max_seq_len, gammas=m.gammas, default_gamma=m.default_gamma,
+                    draft_sinks=m.draft_sinks, draft_budget=m.draft_budget, prefill_chunk=m.prefill_chunk,
+                    buckets=m.context_buckets[:-1], world_size=m.world_size, show_progress=False)
+    return build_engine(out_dir, engine, **(settings | overrides))
 
 
 def _report(out: Path, m: Manifest, seconds: float) -> None:

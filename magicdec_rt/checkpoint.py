@@ -84,15 +84,18 @@ def rope_tables(config: dict) -> tuple[torch.Tensor, float]:
     return rope.inv_freq.detach().clone(), float(rope.attention_scaling)
 
 
-def build_model(config: dict, state: dict | None, dtype: torch.dtype, shard: Shard = Shard()) -> Transformer:
-    """Our Transformer (this rank's part of it) from an HF config and an HF-named state dict."""
+def build_model(config: dict, state: dict | None, dtype: torch.dtype, shard: Shard = Shard(),
+                presharded: bool = False) -> Transformer:
+    """Our Transformer (this rank's part of it) from an HF config and an HF-named state dict (or,
+    ``presharded``, this rank's slice of one, as ``rank_weights`` writes it)."""
     inv_freq, scaling = rope_tables(config)
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_hf(config), inv_freq, scaling, shard)
     model = model.to_empty(device="cpu")
     tied = model.cfg.tie_word_embeddings and shard.world == 1
     if state is not None:
-        state = shard_state({k.removeprefix("model."): v for k, v in state.items()}, config, shard)
+        if not presharded:
+            state = shard_state({k.removeprefix("model."): v for k, v in state.items()}, config, shard)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
         if missing or unexpected:
@@ -104,7 +107,23 @@ def build_model(config: dict, state: dict | None, dtype: torch.dtype, shard: Sha
     return model
 
 
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def rank_weights(state: dict, config: dict, world: int) -> list[dict]:
+    """Each rank's slice of an HF-named state dict: what a sharded engine stores per rank."""
+    plain = {k.removeprefix("model."): v for k, v in state.items()}
+    return [shard_state(plain, config, Shard(r, world)) for r in range(world)]
+
+
 def load_model_dir(directory: Path, dtype: torch.dtype, shard: Shard = Shard()) -> Transformer:
+    """The model of an engine (or HF) directory; under tensor parallelism, only this rank's slice,
+    read from the rank's own weights file."""
     config = json.loads((directory / "config.json").read_text())
-    state = load_file(directory / "model.safetensors")
-    return build_model(config, state, dtype, shard)
+    if shard.world == 1:
+        return build_model(config, load_file(directory / "model.safetensors"), dtype)
+    path = directory / rank_file(shard.rank)
+    if not path.is_file():
+        raise EngineError(f"engine {str(directory)!r} is missing {path.name} (rank {shard.rank}'s weights); rebuild it")
+    return build_model(config, load_file(path), dtype, shard, presharded=True)

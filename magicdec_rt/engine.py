@@ -255,7 +255,7 @@ class Steps:
         for f in ("config.json", "model.safetensors"):
             if not (directory / f).is_file():
                 raise EngineError(f"engine {str(directory)!r} is missing {f}; rebuild it")
-        # Each rank slices its shard from the one checkpoint at load.
+        # Under tensor parallelism each rank reads its own weights file.
         self.model = load_model_dir(directory, manifest.torch_dtype, shard)
         if ModelConfig.from_hf(json.loads((directory / "config.json").read_text())) != manifest.model:
             raise EngineError(f"engine {str(directory)!r}: config.json does not match the manifest's model; rebuild it")

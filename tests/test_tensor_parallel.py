@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
-from builders.build import build_engine
+from builders.build import build_engine, build_like
 from magicdec_rt import RequestError, Runtime
 
-from .conftest import tiny_hf_model_dir
+from .conftest import copy_engine, edit_manifest, tiny_hf_model_dir
 
 
 def _free_port() -> int:
@@ -58,13 +58,7 @@ def run_world(engine, prompts, new_tokens, tmp_path, world=2, export_step_name=N
 
 
 def with_world_size(engine: Path, dst: Path, world: int) -> Path:
-    """The same eager engine with another world size: for eager the per-rank engine is the slice
-    each rank takes from the one checkpoint at load, so only the manifest differs."""
-    shutil.copytree(engine, dst)
-    doc = json.loads((dst / "manifest.json").read_text())
-    doc["world_size"] = world
-    (dst / "manifest.json").write_text(json.dumps(doc))
-    return dst
+    return build_like(engine, dst, world_size=world)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 3], ids=["even-2-kv-heads", "uneven-3-kv-heads"])
@@ -73,6 +67,11 @@ def test_tiny_model_world_2_equals_world_1(tmp_path, kv_heads):
     one = build_engine(tmp_path / "w1", src, max_batch=4, max_seq_len=96, draft_sinks=2, draft_budget=8,
                        prefill_chunk=16, max_gamma=3, show_progress=False)
     two = with_world_size(one, tmp_path / "w2", 2)
+    # Each rank's weights file holds its KV heads' projections and its share of the MLP.
+    d = 48 // (2 * kv_heads)
+    parts = [load_file(two / f"rank{r}.safetensors") for r in range(2)]
+    assert [p["layers.0.self_attn.k_proj.weight"].shape[0] // d for p in parts] == [kv_heads - kv_heads // 2, kv_heads // 2]
+    assert sum(p["layers.0.mlp.up_proj.weight"].shape[0] for p in parts) == 96
     prompts = [[int(t) for t in torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(n))] for n in (30, 7, 19)]
     rt = Runtime.load(one)
     want_greedy = [r.token_ids for r in rt.generate(prompts, max_new_tokens=24, gamma=3)]
@@ -95,7 +94,10 @@ def test_tiny_model_world_2_equals_world_1(tmp_path, kv_heads):
 
 
 def test_world_size_beyond_kv_heads_is_rejected(tiny_engine, tmp_path):
-    eng = with_world_size(tiny_engine, tmp_path / "w3", 3)
+    with pytest.raises(Exception, match=r"world_size=3 is out of range: must be in \[1, 2\] \(the model's KV heads\)"):
+        with_world_size(tiny_engine, tmp_path / "w3", 3)
+    eng = copy_engine(tiny_engine, tmp_path)
+    edit_manifest(eng, lambda d: d.update(world_size=3))
     with pytest.raises(Exception, match=r"world_size 3 must be in \[1, 2\] \(the model's KV heads\)"):
         Runtime.load(eng)
 
