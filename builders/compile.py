@@ -47,7 +47,7 @@ AOTI_OPTIONS = {
     "aot_inductor.compile_wrapper_opt_level": "O0",
 }
 # Default bounds on the relative error of a compiled graph beyond twice eager's own (see above).
-REL_ERR_BOUND = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-3}
+REL_ERR_BOUND = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
 def sha256_file(path: Path) -> str:
