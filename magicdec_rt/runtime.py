@@ -76,7 +76,9 @@ class _Row:
     prefix_hits: list[int] = field(default_factory=list)
 
     def uniforms(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.gen)
+        # Rows without a generator are padding: their draws decide nothing (and must not touch
+        # the global RNG).
+        return torch.zeros(n) if self.gen is None else torch.rand(n, generator=self.gen)
 
 
 class Runtime:
@@ -302,11 +304,8 @@ class Runtime:
         replace them ride along (static shapes) and are ignored."""
         m, dev = self.manifest, self.device
         B = min(len(rows), m.max_batch)
-        if B < m.max_batch:  # static batch: pad with finished rows
-            rows_in = list(rows[:B]) + [_Row(-1, [0], 1, [], None, done=True, reported=True)] * (m.max_batch - B)
-        else:
-            rows_in = list(rows[:B])
-        slots, waiting = rows_in, deque(rows[B:])
+        pad = _Row(-1, [0], 1, [], None, done=True, reported=True)  # static batch: unused slots ride along
+        slots, waiting = list(rows[:B]) + [pad] * (m.max_batch - B), deque(rows[B:])
         nxt = self._admit(range(B), slots[:B], sp, gamma, totals) + [0] * (m.max_batch - B)
         lengths = [len(r.prompt) for r in slots]
         yield from self._events(slots)
