@@ -103,6 +103,16 @@ def fn_outputs_into(static, fresh):
     return static
 
 
+def replay(graphs: dict, key, fn: Callable, inputs: Sequence, pinned: Callable[[int, torch.Tensor], bool]):
+    """Run ``fn(*inputs)`` through the graph stored under ``key``, capturing it (with these
+    inputs, whose outputs the capture produces) the first time."""
+    graph = graphs.get(key)
+    if graph is None:
+        graph = graphs[key] = GraphedCall(fn, inputs, pinned)
+        return graph.outputs
+    return graph(*inputs)
+
+
 class GraphedSteps:
     """An engine's steps with the draft and verify steps captured, one graph per step name, on the
     cache tensors of the first call. Prefill chunks run uncaptured: they are compute-bound and
@@ -114,12 +124,5 @@ class GraphedSteps:
     def __call__(self, name: str, *inputs):
         if name.startswith("prefill"):
             return self.steps(name, *inputs)
-        graph = self.graphs.get(name)
-        if graph is None:
-            # Inputs 2 and 3 are the per-layer caches: read in place.
-            layers = len(inputs[2])
-            graph = self.graphs[name] = GraphedCall(
-                lambda *x: self.steps(name, *x), inputs, lambda i, _: 2 <= i < 2 + 2 * layers
-            )
-            return graph.outputs
-        return graph(*inputs)
+        caches = range(2, 2 + 2 * len(inputs[2]))  # flat indices of the per-layer caches: read in place
+        return replay(self.graphs, name, lambda *x: self.steps(name, *x), inputs, lambda i, _: i in caches)

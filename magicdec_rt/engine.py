@@ -262,7 +262,7 @@ class Steps:
         self.device = torch.device(manifest.device)
         self.model.to(self.device)
         self.backend = manifest.backend
-        self._modules = {"prefill": PrefillStep(self.model), "decode": DecodeStep(self.model)}
+        self._modules = {kind: step_module(self.model, kind) for kind in ("prefill", "decode")}
         self._graphs = {}
         for name, entry in manifest.graphs.items():
             path = directory / entry["file"]
@@ -277,7 +277,7 @@ class Steps:
                 self._graphs[name] = trt_backend.load(path)
 
     def _module(self, name: str) -> torch.nn.Module:
-        return self._modules["prefill" if name.startswith("prefill") else "decode"]
+        return self._modules["prefill" if name.startswith("prefill") else "decode"]  # as step_module decides
 
     @torch.inference_mode()
     def __call__(self, name: str, *inputs):

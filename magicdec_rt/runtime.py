@@ -284,18 +284,13 @@ class Runtime:
         return torch.stack(drafts, dim=1), torch.stack(qs, dim=1)
 
     def _draft(self, gamma: int, sp: SamplingParams, *inputs):
-        """The draft round, replayed as one captured graph per ``(gamma, sp)`` when graphs are on
-        (captured at its first call, whose outputs the capture produces)."""
+        """The draft round, replayed as one captured graph per ``(gamma, sp)`` when graphs are on."""
         if not self.cuda_graphs:
             return self._draft_round(gamma, sp, *inputs)
-        graph = self._draft_graphs.get((gamma, sp))
-        if graph is None:
-            from .cuda_graphs import GraphedCall
+        from .cuda_graphs import replay
 
-            round_ = lambda *a: self._draft_round(gamma, sp, *a)  # noqa: E731
-            graph = self._draft_graphs[(gamma, sp)] = GraphedCall(round_, inputs, pinned=lambda i, t: False)
-            return graph.outputs
-        return graph(*inputs)
+        round_ = lambda *a: self._draft_round(gamma, sp, *a)  # noqa: E731
+        return replay(self._draft_graphs, (gamma, sp), round_, inputs, pinned=lambda i, t: False)
 
     def _run(self, rows: list[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
         """Continuous batching over ``min(len(rows), max_batch)`` slots: the first rows are

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from builders.export import export_step, step_inputs
 from magicdec_rt.checkpoint import load_model_dir
-from magicdec_rt.engine import read_manifest
+from magicdec_rt.engine import read_manifest, step_module
 from magicdec_rt.kv_cache import KVCache, StreamingCache
 from magicdec_rt.model import DecodeStep, PrefillStep
 
@@ -79,7 +79,7 @@ def test_every_step_exports_at_static_shapes(tiny_engine):
         args[0] = torch.randint(0, 16, args[0].shape)
         args[2], args[3] = [torch.randn_like(c) for c in args[2]], [torch.randn_like(c) for c in args[3]]
         args[4] = torch.randint(0, S, args[4].shape)
-        eager = (PrefillStep(model) if name.startswith("prefill") else DecodeStep(model))
+        eager = step_module(model, name)
         with torch.no_grad():
             want = eager(*args)
             got = ep.module()(*args)
