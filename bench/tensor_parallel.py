@@ -36,6 +36,7 @@ def rank_main(rank, world, port, engine, prompts, new_tokens, gamma, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, os.cpu_count() // world))
     from magicdec_rt import Runtime
+    from magicdec_rt.parallel import shutdown
 
     rt = Runtime.load(engine)
     report = {"rank": rank, "kv_heads": rt.steps.model.kv_heads,
@@ -51,10 +52,7 @@ def rank_main(rank, world, port, engine, prompts, new_tokens, gamma, out):
             "decode_tok_s": s["decode_tokens_per_s"],
         }
     Path(out, f"w{world}-rank{rank}.json").write_text(json.dumps(report))
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
 
 
 def main():

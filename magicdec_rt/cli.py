@@ -28,6 +28,11 @@ def run_cli(prog: str, fn) -> int:
     except MagicDecError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "torch" in sys.modules:  # else no process group can exist
+            from .parallel import shutdown
+
+            shutdown()
 
 
 def main(argv=None) -> int:

@@ -122,3 +122,14 @@ def init_from_env(world_size: int) -> Shard:
             f"the engine is built for world size {world_size} but the process group has {dist.get_world_size()} ranks"
         )
     return Shard(dist.get_rank(), world_size)
+
+
+def shutdown() -> None:
+    """Leave the process group together. A rank that exits while its gloo threads still run can
+    abort ("terminate called without an active exception"), so every rank waits for the others,
+    then tears the group down."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from builders.build import build_engine, build_like
 from magicdec_rt import RequestError, Runtime
+from magicdec_rt.parallel import shutdown
 
 from .conftest import copy_engine, edit_manifest, tiny_hf_model_dir
 
@@ -30,8 +31,6 @@ def _rank_main(rank, world, port, engine, prompts, new_tokens, out_dir, export_s
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
     rt = Runtime.load(engine)
     report = {"rank": rank, "full_k": list(rt.full.k.shape), "draft_k": list(rt.draft.k.shape),
               "cache_bytes": rt.full.nbytes() + rt.draft.nbytes()}
@@ -48,7 +47,7 @@ def _rank_main(rank, world, port, engine, prompts, new_tokens, out_dir, export_s
         graph = export_step(rt.steps.model, rt.manifest, export_step_name).graph
         report["exported_collectives"] = sorted({str(n.target) for n in graph.nodes if "c10d" in str(n.target)})
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    shutdown()
 
 
 def run_world(engine, prompts, new_tokens, tmp_path, world=2, export_step_name=None):
