@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from speedup import DEFAULT_CORPUS, ROOT, load_prompts
+from workload import DEFAULT_CORPUS, ROOT, load_prompts  # bench/ is this script's directory
 
 
 def main() -> None:

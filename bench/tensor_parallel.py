@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from speedup import DEFAULT_CORPUS, ROOT, load_prompts  # bench/ is this script's directory
+from workload import DEFAULT_CORPUS, ROOT, load_prompts  # bench/ is this script's directory
 
 
 def engine_for_world(engine: Path, world: int, into: Path) -> Path:

@@ -87,10 +87,12 @@ def build_engine(
     jobs: int | None = None,
     max_rel_err: float | None = None,
     show_progress: bool = True,
+    calibrate: bool = False,
 ) -> Path:
     """Build an engine directory and return its path. The engine serves ``gammas`` (default every
     gamma in [0, max_gamma]; 0, plain decoding, is always included) at every context bucket
-    (default: powers of two from 512, ending at ``max_seq_len``)."""
+    (default: powers of two from 512, ending at ``max_seq_len``). ``calibrate`` times the built
+    steps here for the gamma planner (``magicdec-calibrate``)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
     _check_options(backend, device, dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
                    prefill_chunk, world_size, buckets)
@@ -169,6 +171,10 @@ def build_engine(
     doc["model"]["source"] = str(source)
     (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     _report(out, manifest, time.perf_counter() - t0)
+    if calibrate:
+        from magicdec_rt.cli import calibrate as calibrate_engine
+
+        calibrate_engine(out)
     return out
 
 
@@ -267,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
     p.add_argument("--max-rel-err", type=float, default=None,
                    help="validation bound on a graph's relative error against eager (default per dtype)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip timing the steps for the gamma planner (run magicdec-calibrate later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -291,6 +299,8 @@ def main(argv=None) -> int:
             prefill_chunk=args.prefill_chunk,
             world_size=args.world_size,
             show_progress=not args.quiet,
+            # Only where the engine can run here as one process.
+            calibrate=not args.no_calibrate and args.world_size == 1 and (args.device == "cpu" or torch.cuda.is_available()),
         )
         return 0
 

@@ -35,6 +35,15 @@ def run_cli(prog: str, fn) -> int:
             shutdown()
 
 
+def gamma_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid gamma {text!r}: an integer or 'auto'") from None
+
+
 def main(argv=None) -> int:
     p = OneLineErrors(prog="magicdec-generate", description="Generate text with MagicDec speculative decoding.")
     p.add_argument("--engine", required=True, help="engine directory written by magicdec-build")
@@ -46,7 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--gamma", type=int, default=None, help="draft length; 0 = autoregressive (default: the engine's)")
+    p.add_argument("--gamma", type=gamma_arg, default=None,
+                   help="draft length; 0 = autoregressive; auto = the planner chooses each round "
+                        "(default: auto on a calibrated engine, else the engine's default)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print results and statistics as JSON")
     args = p.parse_args(argv)
@@ -100,6 +111,44 @@ def main(argv=None) -> int:
         return 0
 
     return run_cli(p.prog, run)
+
+
+def calibrate_main(argv=None) -> int:
+    p = OneLineErrors(prog="magicdec-calibrate",
+                      description="Time an engine's steps on this machine for the gamma planner (writes ENGINE/calibration.json).")
+    p.add_argument("--engine", required=True, help="engine directory written by magicdec-build")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per step (median)")
+    args = p.parse_args(argv)
+
+    def run():
+        if args.repeats < 1:
+            raise MagicDecError(f"repeats={args.repeats} is out of range: must be >= 1")
+        calibrate(args.engine, args.repeats)
+        return 0
+
+    return run_cli(p.prog, run)
+
+
+def calibrate(engine, repeats: int = 3) -> None:
+    """Calibrate ``engine`` and store the result in it; prints what the planner now predicts."""
+    import time
+
+    from .planner import Planner
+    from .runtime import Runtime
+
+    t = time.perf_counter()
+    rt = Runtime.load(engine)
+    cal = rt.calibrate(repeats)
+    path = cal.save(engine)
+    m = rt.manifest
+    planner = Planner(cal, m.gammas, m.context_buckets)
+    print(f"calibrated {engine} in {time.perf_counter() - t:.1f} s: draft step {cal.draft_ms['greedy']:.1f} ms; "
+          f"written {path}", file=sys.stderr)
+    for bucket, row in planner.table(greedy=True).items():
+        best = max(row, key=row.get)
+        print(f"  context bucket {bucket}: decode step {cal.verify_ms[0][bucket]:.1f} ms, verify step "
+              f"{', '.join(f'g{g} {cal.verify_ms[g][bucket]:.1f}' for g in m.gammas if g)} ms; "
+              f"at the prior acceptance the planner picks gamma {best} ({row[best]:.2f}x)", file=sys.stderr)
 
 
 if __name__ == "__main__":

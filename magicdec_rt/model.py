@@ -100,8 +100,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, kv, d).transpose(1, 2)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        # Three attention paths, one math (tests/test_steps.py holds them to the same reference).
         if T >= SDPA_MIN_BLOCK:
             o = self._attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
+        elif T > 1 and cache_k.device.type == "cpu":
+            o = self._attend_merged(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
         else:
             o = self._attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
         o = o.permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)  # [B,kv,G,T,d] -> [B,T,heads*d]
@@ -124,6 +127,27 @@ class Attention(nn.Module):
         p = torch.softmax(torch.cat((s_cache, s_block), dim=-1), dim=-1, dtype=torch.float32).to(v.dtype)
         o = torch.baddbmm(p[..., S:] @ v.reshape(B * kv, T, d), p[..., :S], cache_v.reshape(B * kv, S, d))
         return o.view(B, kv, group, T, d)
+
+    @staticmethod
+    def _attend_merged(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
+        """Verify blocks on the CPU. Materialised scores cost in proportion to the group·T query
+        rows (bias, softmax and casts each pass over them), so a verify step there cost ~2x a
+        decode step at T=4 (bench/attention.py). The fused flash kernel reads the cache once for all
+        query rows and keeps its scores in registers; the block's own T keys are done exactly in
+        float32; the two softmaxes merge by their log-sum-exps. At T=1 the split path is faster."""
+        B, kv, group, T, d = q.shape
+        S = cache_k.shape[2]
+        q = q.reshape(B, kv, group * T, d)
+        o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, cache_k, cache_v, attn_mask=cache_bias.expand(B, 1, group * T, S)
+        )
+        # The kernel reports lse 0 (not -inf) for a row with no valid slot.
+        lse_c = torch.where(cache_bias[:, :, 0, :1] == 0, lse_c, float("-inf"))  # [B,1,1]
+        s = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5 + causal_bias.float().repeat(group, 1)
+        lse_b = s.logsumexp(-1)
+        lse = torch.logaddexp(lse_c, lse_b)
+        o = o_c.float() * (lse_c - lse).exp()[..., None] + (s - lse[..., None]).exp() @ v.float()
+        return o.to(v.dtype).view(B, kv, group, T, d)
 
     @staticmethod
     def _attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias):

@@ -18,12 +18,15 @@ The decoding loop reads the device once per verify (the accept/reject outcome); 
 the cache writes need no host values.
 
 ``gamma = 0`` runs the same loop with no draft: the verify step is then a plain autoregressive
-decode step, which is the baseline MagicDec is measured against.
+decode step, which is the baseline MagicDec is measured against. ``gamma = "auto"`` (the default
+for an engine with a calibration) lets the planner (``planner.py``) choose gamma every round, 0
+included, from the engine's measured step costs and the acceptance it has seen so far.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,9 +37,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Manifest, load_steps, read_manifest
-from .errors import RequestError
+from .errors import EngineError, RequestError
 from .kv_cache import KVCache, StreamingCache
-from .sampling import SamplingParams, accept, select
+from .planner import Calibration, Planner, host_info, mode, omega
+from .sampling import SamplingParams, accept, probabilities, select
 
 
 @dataclass
@@ -72,8 +76,10 @@ class _Row:
     reason: str = ""
     reported: bool = False
     rounds: int = 0
+    drafted: int = 0
     accepted: int = 0
-    prefix_hits: list[int] = field(default_factory=list)
+    prefix_hits: list[int] = field(default_factory=list)  # [i]: rounds whose first i+1 drafts were accepted
+    reached: list[int] = field(default_factory=list)  # [i]: rounds that drafted more than i tokens
 
     def uniforms(self, n: int) -> torch.Tensor:
         # Rows without a generator are padding: their draws decide nothing (and must not touch
@@ -100,6 +106,8 @@ class Runtime:
         self.draft = StreamingCache(steps.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt, self.device)
         self.last_stats: dict = {}
         self._request = 0  # the caches belong to the newest request; older streams must stop
+        calibration = Calibration.load(directory)
+        self.planner = None if calibration is None else Planner(calibration, m.gammas, m.context_buckets)
 
     @property
     def rank(self) -> int:
@@ -157,9 +165,15 @@ class Runtime:
             raise RequestError(f"top_p={top_p!r} is out of range: must be in (0, 1]")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise RequestError(f"top_k={top_k!r} is out of range: must be an integer >= 0 (0 disables it)")
-        gamma = m.default_gamma if gamma is None else gamma
-        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma not in m.gammas:
-            raise RequestError(f"gamma={gamma!r} is not one the engine was built for: allowed {m.gammas}")
+        if gamma is None:
+            gamma = "auto" if self.planner else m.default_gamma
+        if gamma == "auto":
+            if self.planner is None:
+                raise RequestError(
+                    f"gamma='auto' needs a calibrated engine: run `magicdec-calibrate --engine {self.directory}`"
+                )
+        elif isinstance(gamma, bool) or not isinstance(gamma, int) or gamma not in m.gammas:
+            raise RequestError(f"gamma={gamma!r} is not one the engine was built for: allowed {m.gammas} or 'auto'")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise RequestError(f"seed={seed!r} is out of range: must be an integer >= 0 or None")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -217,6 +231,53 @@ class Runtime:
                 )
         self.last_stats = totals.summary(rows, gamma)
 
+    def calibrate(self, repeats: int = 3) -> Calibration:
+        """Time this engine's steps on this machine for the planner: a draft step, the verify step
+        of every gamma at every bucket, and accept/reject, greedy and sampled (temperature 0.7),
+        each the median of ``repeats`` calls after a warm-up. Step costs depend on shapes, not on
+        what the caches hold, so this needs no prompts; it leaves the caches' contents undefined.
+        Save the result with ``Calibration.save(engine_dir)``; a new Runtime then plans with it."""
+        m, dev, B, V = self.manifest, self.device, self.manifest.max_batch, self.manifest.model.vocab_size
+        if m.world_size > 1:
+            raise EngineError("calibration under tensor parallelism is not supported yet; calibrate a world-size-1 engine")
+
+        def ms(fn) -> float:
+            times = []
+            for i in range(repeats + 1):
+                t = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:
+                    times.append(time.perf_counter() - t)
+            return 1e3 * statistics.median(times)
+
+        modes = {"greedy": SamplingParams(), "sampled": SamplingParams(temperature=0.7)}
+        verify = {}
+        for g in m.gammas:
+            verify[g] = {}
+            for bucket in m.context_buckets:
+                self.full.resize(bucket)
+                ck, cv = self.full.view(slice(None))
+                L = torch.full((B,), max(bucket - g - 1, 0), device=dev)
+                tokens = torch.zeros(B, g + 1, dtype=torch.long, device=dev)
+                positions = L[:, None] + torch.arange(g + 1, device=dev)
+                verify[g][bucket] = ms(lambda: self.steps(f"verify{g}@{bucket}", tokens, positions, ck, cv, L))
+        L = torch.full((B,), m.draft_budget, device=dev)
+        base = torch.tensor([self.draft.valid(n) for n in L.tolist()], device=dev)
+        x, u = torch.zeros(B, dtype=torch.long, device=dev), torch.rand(B, m.max_gamma + 1, device=dev)
+        draft = {name: ms(lambda: self._draft(1, sp, x, L, base, u)) for name, sp in modes.items()}
+        rest = {}
+        for name, sp in modes.items():
+            rest[name] = {}
+            for g in m.gammas:
+                logits = torch.randn(B, g + 1, V, device=dev)
+                q = None if sp.greedy else probabilities(torch.randn(B, g, V, device=dev), sp)
+                drafts = torch.randint(0, V, (B, g), device=dev)
+                rest[name][g] = ms(lambda: [t.tolist() for t in accept(drafts, q, logits, sp, u[:, :g], u[:, g])])
+        self.full.resize(m.context_buckets[0])
+        return Calibration(draft, verify, rest, host_info())
+
     # ------------------------------------------------------------------ the loop
 
     def _uniforms(self, rows: Sequence[_Row], sp: SamplingParams, n: int):
@@ -224,11 +285,14 @@ class Runtime:
             return None
         return torch.stack([r.uniforms(n) for r in rows]).to(self.device)
 
+    def _bucket(self, slots: int) -> int:
+        return self.manifest.bucket(min(max(slots, 1), self.manifest.max_seq_len))
+
     def _fit(self, slots: int) -> None:
         """Lay the full cache out at the smallest bucket holding ``slots`` slots per row."""
-        self.full.resize(self.manifest.bucket(min(max(slots, 1), self.manifest.max_seq_len)))
+        self.full.resize(self._bucket(slots))
 
-    def _prefill(self, slots: Sequence[int], rows: Sequence[_Row], gamma: int, live: int) -> torch.Tensor:
+    def _prefill(self, slots: Sequence[int], rows: Sequence[_Row], speculate: bool, live: int) -> torch.Tensor:
         """Prefill ``rows`` into cache rows ``slots``, whose other live rows hold up to ``live``
         slots; returns the logits of each prompt's last token."""
         m, C, dev = self.manifest, self.manifest.prefill_chunk, self.device
@@ -251,15 +315,15 @@ class Runtime:
                 self.full.write(slot, start, k[:, 0, :, : len(seg)], v[:, 0, :, : len(seg)])
                 if start + len(seg) == P[b]:
                     first[b] = logits[0]
-        if gamma:
+        if speculate:
             for slot, p in zip(slots, P):
                 self.draft.absorb(self.full, slot, 0, p)
         return first
 
-    def _admit(self, slots, rows, sp, gamma, totals: "_Totals", live: int = 0) -> list[int]:
+    def _admit(self, slots, rows, sp, speculate, totals: "_Totals", live: int = 0) -> list[int]:
         """Prefill ``rows`` into cache rows ``slots`` and emit their first tokens."""
         t = time.perf_counter()
-        first = self._prefill(slots, rows, gamma, live)
+        first = self._prefill(slots, rows, speculate, live)
         u = self._uniforms(rows, sp, 1)
         nxt, _ = select(first, sp, None if u is None else 1.0 - u[:, 0])
         nxt = nxt.tolist()
@@ -292,16 +356,18 @@ class Runtime:
         round_ = lambda *a: self._draft_round(gamma, sp, *a)  # noqa: E731
         return replay(self._draft_graphs, (gamma, sp), round_, inputs, pinned=lambda i, t: False)
 
-    def _run(self, rows: list[_Row], sp: SamplingParams, gamma: int, totals: "_Totals"):
+    def _run(self, rows: list[_Row], sp: SamplingParams, gamma: int | str, totals: "_Totals"):
         """Continuous batching over ``min(len(rows), max_batch)`` slots: the first rows are
         prefilled together; whenever a row finishes and prompts are waiting, the next one is
         prefilled into the freed slot and joins the following round. Finished rows with nobody to
         replace them ride along (static shapes) and are ignored."""
         m, dev = self.manifest, self.device
+        auto = gamma == "auto"
+        speculate = auto or gamma > 0  # then the draft cache follows every committed token
         B = min(len(rows), m.max_batch)
         pad = _Row(-1, [0], 1, [], None, done=True, reported=True)  # static batch: unused slots ride along
         slots, waiting = list(rows[:B]) + [pad] * (m.max_batch - B), deque(rows[B:])
-        nxt = self._admit(range(B), slots[:B], sp, gamma, totals) + [0] * (m.max_batch - B)
+        nxt = self._admit(range(B), slots[:B], sp, speculate, totals) + [0] * (m.max_batch - B)
         lengths = [len(r.prompt) for r in slots]
         yield from self._events(slots)
         while True:
@@ -309,51 +375,56 @@ class Runtime:
                 while slots[b].done and waiting:  # a new row can finish at its first token
                     slots[b] = waiting.popleft()
                     live = max([n for n, r in zip(lengths, slots) if not r.done and r is not slots[b]], default=0)
-                    nxt[b] = self._admit([b], [slots[b]], sp, gamma, totals, live)[0]
+                    nxt[b] = self._admit([b], [slots[b]], sp, speculate, totals, live)[0]
                     lengths[b] = len(slots[b].prompt)
                     yield from self._events([slots[b]])
             if all(r.done for r in slots):
                 return
             t_round = time.perf_counter()
+            longest = max(n for n, r in zip(lengths, slots) if not r.done)
+            g = self.planner.choose(self._bucket(longest + m.max_gamma + 1), sp.greedy) if auto else gamma
             L = torch.tensor(lengths, device=dev)
             x = torch.tensor(nxt, device=dev)
             drafts = qs = None
-            if gamma:
-                u = self._uniforms(slots, sp, gamma)
+            if g:
+                u = self._uniforms(slots, sp, g)
                 base = torch.tensor([self.draft.valid(n) for n in lengths], device=dev)
-                drafts, qs = self._draft(gamma, sp, x, L, base, torch.zeros(0, device=dev) if u is None else u)
+                drafts, qs = self._draft(g, sp, x, L, base, torch.zeros(0, device=dev) if u is None else u)
             totals.draft += time.perf_counter() - t_round
             t = time.perf_counter()
-            self._fit(max(n + gamma + 1 for n, r in zip(lengths, slots) if not r.done))
+            self._fit(longest + g + 1)
             tokens = x[:, None] if drafts is None else torch.cat((x[:, None], drafts), dim=1)
             ck, cv = self.full.view(slice(None))
-            positions = L[:, None] + torch.arange(gamma + 1, device=dev)
-            logits, k, v = self.steps(f"verify{gamma}@{self.full.slots}", tokens, positions, ck, cv, L)
+            positions = L[:, None] + torch.arange(g + 1, device=dev)
+            logits, k, v = self.steps(f"verify{g}@{self.full.slots}", tokens, positions, ck, cv, L)
             totals.verify += time.perf_counter() - t
-            totals.verify_steps += 1
-            totals.draft_steps += gamma
-            u = self._uniforms(slots, sp, gamma + 1)
+            totals.round(g, self.planner, self.full.slots, sp.greedy)
+            u = self._uniforms(slots, sp, g + 1)
             acc, extra = accept(
                 tokens[:, 1:],
                 None if sp.greedy else qs,
                 logits,
                 sp,
-                None if u is None else u[:, :gamma],
-                None if u is None else 1.0 - u[:, gamma],
+                None if u is None else u[:, :g],
+                None if u is None else 1.0 - u[:, g],
             )
             # The one host synchronisation of the round: what each row accepted.
             acc, extra, tokens = acc.tolist(), extra.tolist(), tokens.tolist()
+            if self.planner:
+                self.planner.observe(g, [a for a, r in zip(acc, slots) if not r.done], sp.greedy)
             for b, r in enumerate(slots):
                 if r.done:
                     continue
                 a = acc[b]
                 r.rounds += 1
+                r.drafted += g
                 r.accepted += a
-                r.prefix_hits = _add_prefix(r.prefix_hits, a, gamma)
+                r.prefix_hits = _add_prefix(r.prefix_hits, a, g)
+                r.reached = _add_prefix(r.reached, g, g)
                 self._push(r, tokens[b][1 : a + 1] + [extra[b]])
                 if not r.done:
                     self.full.write(b, lengths[b], k[:, b, :, : a + 1], v[:, b, :, : a + 1])
-                    if gamma:
+                    if speculate:
                         self.draft.absorb(self.full, b, lengths[b], lengths[b] + a + 1)
                     lengths[b] += a + 1
             nxt = extra
@@ -396,9 +467,10 @@ class Runtime:
             yield ev
 
 
-def _add_prefix(hits: list[int], accepted: int, gamma: int) -> list[int]:
-    hits = hits + [0] * (gamma - len(hits))
-    return [h + (i < accepted) for i, h in enumerate(hits)]
+def _add_prefix(counts: list[int], n: int, gamma: int) -> list[int]:
+    """``counts`` grown to ``gamma`` positions, its first ``n`` incremented."""
+    counts = counts + [0] * (gamma - len(counts))
+    return [c + (i < n) for i, c in enumerate(counts)]
 
 
 def _final_text_end(r: _Row) -> int:
@@ -416,22 +488,22 @@ def _final_text_end(r: _Row) -> int:
     return max(end, r.sent_text)
 
 
-def _acceptance(rounds: int, accepted: int, hits: list[int], gamma: int) -> dict:
+def _acceptance(rounds: int, drafted: int, accepted: int, hits: list[int], reached: list[int]) -> dict:
     """Speculation statistics over ``rounds`` verifies. ``hits[i]``: rounds whose first ``i + 1``
-    drafts were all accepted, so ``per_position_acceptance`` is unconditional and non-increasing."""
-    drafted = rounds * gamma
+    drafts were all accepted, of the ``reached[i]`` that drafted that many; with a fixed gamma
+    ``per_position_acceptance`` is unconditional and non-increasing."""
     return {
         "drafts": rounds,
         "draft_tokens": drafted,
         "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_length": 1 + accepted / rounds if rounds else None,
-        "per_position_acceptance": [h / rounds for h in hits] if rounds else [],
+        "per_position_acceptance": [h / n for h, n in zip(hits, reached)],
     }
 
 
 def _row_stats(r: _Row) -> dict:
-    return _acceptance(r.rounds, r.accepted, r.prefix_hits, len(r.prefix_hits)) | {"new_tokens": len(r.tokens)}
+    return _acceptance(r.rounds, r.drafted, r.accepted, r.prefix_hits, r.reached) | {"new_tokens": len(r.tokens)}
 
 
 @dataclass
@@ -442,17 +514,34 @@ class _Totals:
     verify: float = 0.0
     draft_steps: int = 0  # batch steps, not per row
     verify_steps: int = 0
+    gammas: dict = field(default_factory=dict)  # gamma -> rounds run with it
+    # The planner's prediction, summed over rounds: tokens per row, and cost in autoregressive steps.
+    predicted_tokens: float = 0.0
+    predicted_ar_steps: float = 0.0
 
-    def summary(self, rows: Sequence[_Row], gamma: int) -> dict:
-        hits = [sum(r.prefix_hits[i] for r in rows if r.prefix_hits) for i in range(gamma)]
+    def round(self, gamma: int, planner: Planner | None, bucket: int, greedy: bool) -> None:
+        self.verify_steps += 1
+        self.draft_steps += gamma
+        self.gammas[gamma] = self.gammas.get(gamma, 0) + 1
+        if planner:
+            self.predicted_tokens += omega(planner.acceptance[mode(greedy)].alphas()[:gamma])
+            self.predicted_ar_steps += planner.cost_ms(gamma, bucket, greedy) / planner.cost_ms(0, bucket, greedy)
+
+    def summary(self, rows: Sequence[_Row], gamma) -> dict:
+        longest = max((len(r.reached) for r in rows), default=0)
+        hits, reached = ([sum(getattr(r, f)[i] for r in rows if len(r.reached) > i) for i in range(longest)]
+                         for f in ("prefix_hits", "reached"))
         new = sum(len(r.tokens) for r in rows)
         # The first token of each row comes from prefill, not from the decoding loop.
         decoded = new - len(rows)
         return {
             "gamma": gamma,
+            "gamma_rounds": dict(sorted(self.gammas.items())),
+            "predicted_speedup": self.predicted_tokens / self.predicted_ar_steps if self.predicted_ar_steps else None,
             "prompts": len(rows),
             "new_tokens": new,
-            **_acceptance(sum(r.rounds for r in rows), sum(r.accepted for r in rows), hits, gamma),
+            **_acceptance(sum(r.rounds for r in rows), sum(r.drafted for r in rows), sum(r.accepted for r in rows),
+                          hits, reached),
             "prefill_s": self.prefill,
             "decode_s": self.decode,
             "draft_s": self.draft,

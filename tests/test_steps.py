@@ -50,6 +50,21 @@ def test_chunked_steps_match_transformers(tmp_path, rope):
     torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_block_over_an_empty_cache_ignores_stale_slots(tmp_path):
+    """A verify-sized block (T=3) whose rows have no valid cache slot, over a cache full of stale
+    K/V, equals transformers on the block alone (the fused CPU kernel reports such rows oddly)."""
+    src = tiny_hf_model_dir(tmp_path, seed=2)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = load_model_dir(src, torch.float32)
+    ids = torch.randint(0, 16, (2, 3))
+    cache = KVCache(model, 2, 16, torch.float32)
+    for t in cache.k + cache.v:
+        t.normal_()
+    with torch.no_grad():
+        logits, _, _ = DecodeStep(model)(ids, torch.arange(3).expand(2, 3), cache.k, cache.v, torch.zeros(2, dtype=torch.long))
+        torch.testing.assert_close(logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_prefill_step_returns_logits_at_last(tiny_engine):
     model = load_model_dir(tiny_engine, torch.float32)
     toks = torch.randint(0, 16, (2, 8))

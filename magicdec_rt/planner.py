@@ -1,0 +1,159 @@
+"""The planner: MagicDec's cost model of one decoding round, used to choose gamma as the runtime goes.
+
+A round with draft length gamma, its full cache laid out at context bucket S, costs
+
+    C(gamma, S) = gamma * T_D + T_V(gamma, S) + R(gamma)
+
+(T_D: one draft step over the sparse cache, whose size does not depend on the context; T_V: the
+verify step over gamma + 1 tokens per row; R: accept/reject and bookkeeping), and commits, per row
+and in expectation,
+
+    Omega(gamma) = 1 + sum_{i=1..gamma} prod_{j<=i} alpha_j
+
+tokens, where alpha_j is the probability that draft j is accepted given that drafts 1..j-1 were.
+The drafts do not depend on gamma, so one set of alphas serves every gamma. Autoregressive
+decoding is gamma = 0: one token per C(0, S). The predicted speedup of gamma at bucket S is
+
+    Omega(gamma) * C(0, S) / C(gamma, S),
+
+and the planner runs the gamma with the largest, 0 where none beats 1. The batch does not appear:
+an engine's steps always run its full static batch, so its costs are per engine.
+
+Costs come from a calibration: the engine's own steps timed on this machine
+(``Runtime.calibrate``, ``magicdec-calibrate``), stored in the engine directory as
+``calibration.json``. The alphas are learned online from every verify, per sampling mode (greedy or
+not), with exponential forgetting so they follow the text being generated, starting from a prior.
+While gamma = 0 wins nothing is drafted and nothing is learned, so every ``probe_every`` rounds the
+planner drafts once with the smallest gamma, unless even perfect acceptance could not win there.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import EngineError
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass
+class Calibration:
+    """Milliseconds per step on this machine, for one engine. ``mode`` is ``"greedy"`` or
+    ``"sampled"`` (sampling adds a softmax over the vocabulary to drafting and accepting)."""
+
+    draft_ms: dict[str, float]  # mode -> one draft step
+    verify_ms: dict[int, dict[int, float]]  # gamma -> bucket -> one verify step
+    rest_ms: dict[str, dict[int, float]]  # mode -> gamma -> accept/reject of one round
+    host: dict = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CALIBRATION_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Calibration | None":
+        path = Path(directory) / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            return cls(
+                draft_ms={m: float(t) for m, t in d["draft_ms"].items()},
+                verify_ms={int(g): {int(s): float(t) for s, t in b.items()} for g, b in d["verify_ms"].items()},
+                rest_ms={m: {int(g): float(t) for g, t in r.items()} for m, r in d["rest_ms"].items()},
+                host=d.get("host", {}),
+            )
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise EngineError(f"{path} is unreadable ({e}); rerun `magicdec-calibrate --engine {directory}`") from None
+
+
+def host_info() -> dict:
+    return {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def mode(greedy: bool) -> str:
+    return "greedy" if greedy else "sampled"
+
+
+def omega(alphas) -> float:
+    """Expected tokens committed per row by one verify of ``len(alphas)`` drafts."""
+    total, run = 1.0, 1.0
+    for a in alphas:
+        run *= a
+        total += run
+    return total
+
+
+class Acceptance:
+    """Per-position conditional acceptance, counted with exponential forgetting and a prior."""
+
+    def __init__(self, positions: int, prior: float, prior_weight: float, decay: float):
+        self.reached = [0.0] * positions
+        self.accepted = [0.0] * positions
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+
+    def observe(self, gamma: int, accepted: list[int]) -> None:
+        """One verify of ``gamma`` drafts; ``accepted[b]``: how many row ``b`` accepted."""
+        self.reached = [r * self.decay for r in self.reached]
+        self.accepted = [a * self.decay for a in self.accepted]
+        for a in accepted:
+            for j in range(min(a + 1, gamma)):
+                self.reached[j] += 1
+            for j in range(a):
+                self.accepted[j] += 1
+
+    def alphas(self) -> list[float]:
+        w, p = self.prior_weight, self.prior
+        return [(a + p * w) / (r + w) for a, r in zip(self.accepted, self.reached)]
+
+
+class Planner:
+    def __init__(self, calibration: Calibration, gammas: list[int], buckets: list[int], prior: float = 0.8,
+                 prior_weight: float = 4.0, decay: float = 0.97, probe_every: int = 32):
+        missing = [(g, s) for g in gammas for s in buckets if s not in calibration.verify_ms.get(g, {})]
+        if missing or not all(m in calibration.draft_ms for m in ("greedy", "sampled")):
+            raise EngineError(
+                f"calibration.json does not cover this engine (no timing for gamma, bucket {missing[:1]}); "
+                "rerun `magicdec-calibrate`"
+            )
+        self.cal, self.gammas, self.probe_every = calibration, sorted(gammas), probe_every
+        self.acceptance = {m: Acceptance(max(gammas), prior, prior_weight, decay) for m in ("greedy", "sampled")}
+        self._since_draft = 0
+
+    def cost_ms(self, gamma: int, bucket: int, greedy: bool) -> float:
+        m = mode(greedy)
+        return gamma * self.cal.draft_ms[m] + self.cal.verify_ms[gamma][bucket] + self.cal.rest_ms[m][gamma]
+
+    def speedup(self, gamma: int, bucket: int, greedy: bool, alphas=None) -> float:
+        """Predicted throughput of ``gamma`` over autoregressive decoding at ``bucket``."""
+        alphas = self.acceptance[mode(greedy)].alphas() if alphas is None else alphas
+        return omega(alphas[:gamma]) * self.cost_ms(0, bucket, greedy) / self.cost_ms(gamma, bucket, greedy)
+
+    def choose(self, bucket: int, greedy: bool) -> int:
+        best = max(self.gammas, key=lambda g: (self.speedup(g, bucket, greedy), -g))
+        if best == 0:
+            self._since_draft += 1
+            probe = min((g for g in self.gammas if g), default=0)
+            could_win = any(self.speedup(g, bucket, greedy, [1.0] * g) > 1 for g in self.gammas)
+            if probe and could_win and self._since_draft >= self.probe_every:
+                best = probe
+        if best:
+            self._since_draft = 0
+        return best
+
+    def observe(self, gamma: int, accepted: list[int], greedy: bool) -> None:
+        if gamma and accepted:
+            self.acceptance[mode(greedy)].observe(gamma, accepted)
+
+    def table(self, greedy: bool) -> dict:
+        """Predicted speedup of every gamma at every bucket, with the current alphas."""
+        buckets = sorted(self.cal.verify_ms[0])
+        return {s: {g: round(self.speedup(g, s, greedy), 3) for g in self.gammas} for s in buckets}
+

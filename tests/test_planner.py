@@ -1,0 +1,137 @@
+"""The gamma planner: its cost model, its online acceptance estimates, calibration stored with the
+engine, and the runtime choosing gamma per round without changing what it generates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from magicdec_rt import RequestError, Runtime
+from magicdec_rt.cli import calibrate_main
+from magicdec_rt.errors import EngineError
+from magicdec_rt.planner import Acceptance, Calibration, Planner, omega
+
+from .conftest import copy_engine
+
+GAMMAS = [0, 1, 2, 3, 4]
+
+
+def calibration(draft_ms: float, verify_ms=lambda g, s: s / 10, rest_ms: float = 0.0, buckets=(16, 32)) -> Calibration:
+    return Calibration(
+        draft_ms={"greedy": draft_ms, "sampled": draft_ms},
+        verify_ms={g: {s: verify_ms(g, s) for s in buckets} for g in GAMMAS},
+        rest_ms={m: {g: rest_ms for g in GAMMAS} for m in ("greedy", "sampled")},
+    )
+
+
+def test_omega_is_expected_tokens_per_verify():
+    assert omega([]) == 1
+    assert omega([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    assert omega([1.0, 0.0, 1.0]) == 2
+
+
+def test_planner_picks_the_gamma_with_the_best_predicted_speedup():
+    # Verify costs 2 ms whatever gamma, a draft 0.5 ms, rest 0.1 ms: speedup(g) = omega * 2.1 / (0.5 g + 2.1).
+    p = Planner(calibration(0.5, lambda g, s: 2.0, 0.1), GAMMAS, [16, 32])
+    alphas = [0.9, 0.8, 0.7, 0.6]
+    want = {g: omega(alphas[:g]) * 2.1 / (0.5 * g + 2.1) for g in GAMMAS}
+    assert {g: p.speedup(g, 16, True, alphas) for g in GAMMAS} == pytest.approx(want)
+    p.acceptance["greedy"].accepted = [1e9 * a for a in alphas]  # the prior no longer matters
+    p.acceptance["greedy"].reached = [1e9] * 4
+    assert p.choose(16, greedy=True) == max(want, key=want.get) == 3
+
+
+def test_planner_turns_speculation_off_where_it_loses_and_probes_back():
+    p = Planner(calibration(0.5, lambda g, s: 2.0 + g), GAMMAS, [16, 32], probe_every=4)
+    assert p.choose(16, True) > 0  # the prior (0.8) makes speculation worth it
+    for _ in range(20):  # every draft rejected
+        p.observe(1, [0] * 8, greedy=True)
+    assert p.acceptance["greedy"].alphas()[0] < 0.05
+    chosen = [p.choose(16, True) for _ in range(8)]
+    assert chosen == [0, 0, 0, 1, 0, 0, 0, 1]  # plain decoding, with a 1-draft probe every 4th round
+    assert p.choose(16, False) > 0  # sampled mode learns apart from greedy
+
+
+def test_planner_never_probes_where_even_perfect_acceptance_loses():
+    # A draft step costs as much as a decode step: omega <= g + 1 cannot pay for g + 1 steps.
+    p = Planner(calibration(10.0, lambda g, s: 10.0), GAMMAS, [16, 32], probe_every=2)
+    assert [p.choose(16, True) for _ in range(10)] == [0] * 10
+
+
+def test_acceptance_counts_positions_with_forgetting():
+    a = Acceptance(3, prior=0.5, prior_weight=2.0, decay=0.5)
+    a.observe(3, [0, 2, 3])  # reached: pos1 by 3 rows, pos2 by 2, pos3 by 2; accepted: 2, 2, 1
+    assert a.reached == [3, 2, 2] and a.accepted == [2, 2, 1]
+    a.observe(2, [2])  # old counts halve; this row reached and accepted positions 1 and 2
+    assert a.reached == [2.5, 2.0, 1.0] and a.accepted == [2.0, 2.0, 0.5]
+    assert a.alphas() == pytest.approx([(2 + 1) / (2.5 + 2), (2 + 1) / (2 + 2), (0.5 + 1) / (1 + 2)])
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_engine, tmp_path_factory):
+    eng = copy_engine(tiny_engine, tmp_path_factory.mktemp("calibrated"))
+    assert calibrate_main(["--engine", str(eng), "--repeats", "1"]) == 0
+    return eng
+
+
+def test_calibration_is_stored_with_the_engine(calibrated):
+    doc = json.loads((calibrated / "calibration.json").read_text())
+    cal = Calibration.load(calibrated)
+    rt = Runtime.load(calibrated)
+    m = rt.manifest
+    assert sorted(cal.verify_ms) == m.gammas and all(sorted(b) == m.context_buckets for b in cal.verify_ms.values())
+    assert all(t > 0 for b in cal.verify_ms.values() for t in b.values())
+    assert doc["host"]["threads"] >= 1
+    assert rt.planner is not None
+
+
+def test_auto_gamma_generates_what_plain_decoding_does(calibrated, tiny_runtime):
+    prompts = [f"w{i} w{i + 3} w{(5 * i) % 16}" for i in range(12)]  # more prompts than slots: refills
+    want = [r.token_ids for r in tiny_runtime.generate(prompts, max_new_tokens=30, gamma=0)]
+    rt = Runtime.load(calibrated)
+    out = rt.generate(prompts, max_new_tokens=30)  # default: auto on a calibrated engine
+    assert [r.token_ids for r in out] == want
+    s = rt.last_stats
+    assert s["gamma"] == "auto" and sum(s["gamma_rounds"].values()) == s["verify_steps"]
+    assert s["draft_steps"] == sum(g * n for g, n in s["gamma_rounds"].items())
+    assert s["predicted_speedup"] > 0
+
+
+@pytest.mark.parametrize("draft_ms, want", [(1e6, {0}), (1e-6, {4})], ids=["draft-too-dear", "draft-free"])
+def test_auto_gamma_follows_the_costs(calibrated, tmp_path, draft_ms, want):
+    eng = copy_engine(calibrated, tmp_path)
+    cal = Calibration.load(eng)
+    cal.draft_ms = {"greedy": draft_ms, "sampled": draft_ms}
+    cal.verify_ms = {g: {s: 1.0 for s in b} for g, b in cal.verify_ms.items()}  # verify as dear as a decode step
+    cal.save(eng)
+    rt = Runtime.load(eng)
+    rt.generate(["w1 w2 w3"] * 8, max_new_tokens=20, gamma="auto")
+    assert set(rt.last_stats["gamma_rounds"]) == want
+
+
+def test_auto_gamma_needs_a_calibration(tiny_runtime):
+    with pytest.raises(RequestError, match=r"gamma='auto' needs a calibrated engine: run `magicdec-calibrate --engine "):
+        tiny_runtime.generate(["w1"], max_new_tokens=2, gamma="auto")
+    assert tiny_runtime.generate(["w1"], max_new_tokens=2)[0].token_ids  # the default stays the engine's gamma
+
+
+def test_bad_calibrations_are_clear_errors(calibrated, tmp_path):
+    eng = copy_engine(calibrated, tmp_path)
+    (eng / "calibration.json").write_text("{not json")
+    with pytest.raises(EngineError, match=r"calibration.json is unreadable .*; rerun `magicdec-calibrate --engine"):
+        Runtime.load(eng)
+    cal = Calibration.load(calibrated)
+    del cal.verify_ms[2][16]
+    cal.save(eng)
+    with pytest.raises(EngineError, match=r"calibration.json does not cover this engine \(no timing for gamma, bucket \[\(2, 16\)\]\)"):
+        Runtime.load(eng)
+
+
+def test_calibrate_cli_rejects_bad_repeats(calibrated):
+    r = subprocess.run([sys.executable, "-c", "import sys; from magicdec_rt.cli import calibrate_main; "
+                        "sys.exit(calibrate_main(sys.argv[1:]))", "--engine", str(calibrated), "--repeats", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "magicdec-calibrate: error: repeats=0 is out of range: must be >= 1\n"
