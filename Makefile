@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ENGINE := engines/smollm2-135m-instruct
 
-.PHONY: setup demo test
+.PHONY: setup demo test bench-quick
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -27,3 +27,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The benchmark sweep's quick preset (under 10 minutes on 2 cores): bench/results/sweep-quick/.
+bench-quick: setup
+	$(BIN)/python bench/sweep.py --quick

@@ -385,7 +385,7 @@ class Runtime:
             g = self.planner.choose(self._bucket(longest + m.max_gamma + 1), sp.greedy) if auto else gamma
             L = torch.tensor(lengths, device=dev)
             x = torch.tensor(nxt, device=dev)
-            drafts = qs = None
+            drafts, qs = None, torch.zeros(m.max_batch, 0, m.model.vocab_size, device=dev)  # g = 0: nothing to accept
             if g:
                 u = self._uniforms(slots, sp, g)
                 base = torch.tensor([self.draft.valid(n) for n in lengths], device=dev)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 
 import numpy as np
 import pytest
@@ -107,7 +108,14 @@ def wide_tiny(tmp_path_factory):
         root / "engine", src, max_batch=512, max_seq_len=64, max_gamma=3, default_gamma=3,
         draft_sinks=2, draft_budget=6, prefill_chunk=16, show_progress=False,
     )
-    return Runtime.load(engine), AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    rt = Runtime.load(engine)
+    runtimes = {0: rt, 3: rt}
+    # A copy whose planner chooses gamma each round from a calibration of this machine.
+    planned = shutil.copytree(engine, root / "planned")
+    Runtime.load(planned).calibrate(repeats=1).save(planned)
+    runtimes["auto"] = Runtime.load(planned)
+    return runtimes, hf
 
 
 def exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab):
@@ -127,18 +135,24 @@ def exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab):
     return pairs, marginals
 
 
-@pytest.mark.parametrize("sp", CONFIGS, ids=["t1", "t0.7-k4", "t1.3-p0.7"])
-def test_speculative_generation_samples_the_target_distribution(wide_tiny, sp):
+@pytest.mark.parametrize("sp, gamma", [(CONFIGS[0], 3), (CONFIGS[1], 3), (CONFIGS[2], 3), (CONFIGS[0], 0),
+                                       (CONFIGS[1], "auto")],
+                         ids=["t1", "t0.7-k4", "t1.3-p0.7", "t1-autoregressive", "t0.7-k4-planner"])
+def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma):
     """Tiny model, draft cache far smaller than the prompt (so drafts are often rejected): the joint
     of the first two generated tokens and the marginals of the 3rd and 4th (made of accepted
-    drafts, corrections and bonus tokens) equal the target's exact sampling distributions."""
-    rt, hf = wide_tiny
+    drafts, corrections and bonus tokens) equal the target's exact sampling distributions, with
+    speculation, without it, and with the planner choosing gamma round by round."""
+    runtimes, hf = wide_tiny
+    rt = runtimes[gamma]
     vocab, N, n_tokens = 12, 3000, 4
     prompt = [int(t) for t in torch.randint(0, vocab, (14,), generator=torch.Generator().manual_seed(7))]
     outs = rt.generate([prompt] * N, max_new_tokens=n_tokens, temperature=sp.temperature,
-                       top_k=sp.top_k, top_p=sp.top_p, seed=1000 * CONFIGS.index(sp), gamma=3)
+                       top_k=sp.top_k, top_p=sp.top_p, seed=1000 * CONFIGS.index(sp), gamma=gamma)
     stats = rt.last_stats
-    assert 0.05 < stats["acceptance_rate"] < 0.95, stats
+    assert stats["gamma"] == gamma
+    if gamma == 3:
+        assert 0.05 < stats["acceptance_rate"] < 0.95, stats
     toks = np.array([o.token_ids for o in outs])
     assert toks.shape == (N, n_tokens)
     pairs, marginals = exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab)
