@@ -29,9 +29,10 @@ import torch
 
 from workload import DEFAULT_CORPUS, ROOT, StepCost, load_prompts, measure_bandwidth, measure_matmul
 
-QUICK = dict(batch=[1, 4], context=[1024, 2048], gamma=[1, 2, 3], budget=[256], temperature=[0.0, 0.7], new_tokens=32)
+QUICK = dict(batch=[1, 4], context=[1024, 2048], gamma=[1, 2, 3], budget=[256], temperature=[0.0, 0.7], new_tokens=32,
+             repeats=3)
 FULL = dict(batch=[1, 4, 8, 16], context=[1024, 2048, 4096, 7680], gamma=[1, 2, 3, 4, 5, 6], budget=[128, 256, 512],
-            temperature=[0.0, 0.7], new_tokens=64)
+            temperature=[0.0, 0.7], new_tokens=64, repeats=3)
 
 
 def sweep_runtime_class():
@@ -161,6 +162,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, nargs="+", help="draft budgets (sinks + window slots)")
     p.add_argument("--temperature", type=float, nargs="+")
     p.add_argument("--new-tokens", type=int)
+    p.add_argument("--repeats", type=int, help="runs of every mode, interleaved; the median is reported")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -189,23 +191,29 @@ def main() -> None:
             prompts = load_prompts(first.tokenizer, args.corpus, batch, context)
             SweepRuntime.saved = None
             for temperature in cfg["temperature"]:
-                ar = None
-                for w, rt in runtimes.items():
-                    modes = ([0] if ar is None else []) + gammas + ["auto"]
-                    for gamma in modes:
+                # Modes run interleaved, --repeats times; each reports its median run (this
+                # machine's step times wander by +-15% over minutes).
+                modes = [(cfg["budget"][0], 0)] + [(w, g) for w in cfg["budget"] for g in gammas + ["auto"]]
+                runs = {mode: [] for mode in modes}
+                for _ in range(cfg["repeats"]):
+                    for w, gamma in modes:
+                        rt = runtimes[w]
                         rt.generate(prompts, max_new_tokens=cfg["new_tokens"], temperature=temperature, seed=0, gamma=gamma)
-                        s = dict(rt.last_stats)
-                        if gamma == 0 and ar is None:
-                            ar = s
-                            if temperature == cfg["temperature"][0]:
-                                prefill.append({"batch": batch, "context": context, "prefill_s": s["prefill_s"],
-                                                "tokens_per_s": batch * context / s["prefill_s"]})
-                        pt = point(s, ar, batch, context, w, temperature, rt, (cost, bw, mm))
-                        pt["ms_autoregressive_step"] = 1e3 * ar["decode_s"] / ar["verify_steps"]
-                        points.append(pt)
-                        print(f"B{batch} C{context} W{w} T{temperature} gamma {gamma}: {pt['tokens_per_s']:.1f} tok/s, "
-                              f"speedup {pt['speedup']:.2f}x (predicted {_fmt(pt['predicted_speedup'])}), "
-                              f"acceptance {_fmt(pt['acceptance_rate'])}", file=sys.stderr)
+                        runs[w, gamma].append(dict(rt.last_stats))
+                        if not prefill or prefill[-1]["context"] != context or prefill[-1]["batch"] != batch:
+                            s = rt.last_stats
+                            prefill.append({"batch": batch, "context": context, "prefill_s": s["prefill_s"],
+                                            "tokens_per_s": batch * context / s["prefill_s"]})
+                median = {m: sorted(r, key=lambda s: s["decode_tokens_per_s"])[len(r) // 2] for m, r in runs.items()}
+                ar = median[modes[0]]
+                for (w, gamma), s in median.items():
+                    pt = point(s, ar, batch, context, w, temperature, runtimes[w], (cost, bw, mm))
+                    pt["ms_autoregressive_step"] = 1e3 * ar["decode_s"] / ar["verify_steps"]
+                    pt["runs_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs[w, gamma]]
+                    points.append(pt)
+                    print(f"B{batch} C{context} W{w} T{temperature} gamma {gamma}: {pt['tokens_per_s']:.1f} tok/s, "
+                          f"speedup {pt['speedup']:.2f}x (predicted {_fmt(pt['predicted_speedup'])}), "
+                          f"acceptance {_fmt(pt['acceptance_rate'])}", file=sys.stderr)
             if not args.no_hf:
                 r = hf_generate(engines[cfg["budget"][0]], prompts, cfg["new_tokens"], torch_dtype)
                 ours = next(q for q in points if q["batch"] == batch and q["context"] == context and q["gamma"] == 0)
