@@ -21,8 +21,13 @@ an engine's steps always run its full static batch, so its costs are per engine.
 
 Costs come from a calibration: the engine's own steps timed on this machine
 (``Runtime.calibrate``, ``magicdec-calibrate``), stored in the engine directory as
-``calibration.json``. The alphas are learned online from every verify, per sampling mode (greedy or
-not), with exponential forgetting so they follow the text being generated, starting from a prior.
+``calibration.json``. Steps timed alone are not rounds run in the loop, and a shared machine
+drifts, so each gamma's calibrated cost is scaled by the running ratio of the round times measured
+with it to what the calibration predicted; a gamma not run yet takes the mean ratio of those that
+were (drift moves every step alike, and favouring the untried gamma would make the planner flip
+on noise). The alphas are learned online from every verify, per
+sampling mode (greedy or not), with exponential forgetting so they follow the text being
+generated, starting from a prior.
 While gamma = 0 wins nothing is drafted and nothing is learned, so every ``probe_every`` rounds the
 planner drafts once with the smallest gamma, unless even perfect acceptance could not win there.
 """
@@ -116,7 +121,7 @@ class Acceptance:
 
 class Planner:
     def __init__(self, calibration: Calibration, gammas: list[int], buckets: list[int], prior: float = 0.8,
-                 prior_weight: float = 4.0, decay: float = 0.97, probe_every: int = 32):
+                 prior_weight: float = 4.0, decay: float = 0.97, probe_every: int = 32, cost_weight: float = 0.2):
         missing = [(g, s) for g in gammas for s in buckets if s not in calibration.verify_ms.get(g, {})]
         if missing or not all(m in calibration.draft_ms for m in ("greedy", "sampled")):
             raise EngineError(
@@ -125,11 +130,18 @@ class Planner:
             )
         self.cal, self.gammas, self.probe_every = calibration, sorted(gammas), probe_every
         self.acceptance = {m: Acceptance(max(gammas), prior, prior_weight, decay) for m in ("greedy", "sampled")}
+        self.cost_scale: dict[int, float] = {}  # gamma -> measured / calibrated round time, running
+        self.cost_weight = cost_weight
         self._since_draft = 0
 
-    def cost_ms(self, gamma: int, bucket: int, greedy: bool) -> float:
+    def calibrated_ms(self, gamma: int, bucket: int, greedy: bool) -> float:
         m = mode(greedy)
         return gamma * self.cal.draft_ms[m] + self.cal.verify_ms[gamma][bucket] + self.cal.rest_ms[m][gamma]
+
+    def cost_ms(self, gamma: int, bucket: int, greedy: bool) -> float:
+        seen = self.cost_scale.values()
+        scale = self.cost_scale.get(gamma, sum(seen) / len(seen) if seen else 1.0)
+        return scale * self.calibrated_ms(gamma, bucket, greedy)
 
     def speedup(self, gamma: int, bucket: int, greedy: bool, alphas=None) -> float:
         """Predicted throughput of ``gamma`` over autoregressive decoding at ``bucket``."""
@@ -148,9 +160,13 @@ class Planner:
             self._since_draft = 0
         return best
 
-    def observe(self, gamma: int, accepted: list[int], greedy: bool) -> None:
+    def observe(self, gamma: int, accepted: list[int], greedy: bool, bucket: int, round_ms: float) -> None:
+        """One round: what its live rows accepted and how long it took."""
         if gamma and accepted:
             self.acceptance[mode(greedy)].observe(gamma, accepted)
+        ratio = round_ms / self.calibrated_ms(gamma, bucket, greedy)
+        old = self.cost_scale.get(gamma, ratio)
+        self.cost_scale[gamma] = old + self.cost_weight * (ratio - old)
 
     def table(self, greedy: bool) -> dict:
         """Predicted speedup of every gamma at every bucket, with the current alphas."""

@@ -252,6 +252,7 @@ class Runtime:
                     times.append(time.perf_counter() - t)
             return 1e3 * statistics.median(times)
 
+        self._request += 1  # the caches are overwritten: a stream in flight must stop
         modes = {"greedy": SamplingParams(), "sampled": SamplingParams(temperature=0.7)}
         verify = {}
         for g in m.gammas:
@@ -381,6 +382,8 @@ class Runtime:
             if all(r.done for r in slots):
                 return
             t_round = time.perf_counter()
+            # Steady state: every slot holding a request is live (none idles until the batch ends).
+            steady, before = all(not r.done for r in slots if r is not pad), sum(len(r.tokens) for r in slots)
             longest = max(n for n, r in zip(lengths, slots) if not r.done)
             g = self.planner.choose(self._bucket(longest + m.max_gamma + 1), sp.greedy) if auto else gamma
             L = torch.tensor(lengths, device=dev)
@@ -410,8 +413,7 @@ class Runtime:
             )
             # The one host synchronisation of the round: what each row accepted.
             acc, extra, tokens = acc.tolist(), extra.tolist(), tokens.tolist()
-            if self.planner:
-                self.planner.observe(g, [a for a, r in zip(acc, slots) if not r.done], sp.greedy)
+            live_acc = [a for a, r in zip(acc, slots) if not r.done]
             for b, r in enumerate(slots):
                 if r.done:
                     continue
@@ -428,7 +430,13 @@ class Runtime:
                         self.draft.absorb(self.full, b, lengths[b], lengths[b] + a + 1)
                     lengths[b] += a + 1
             nxt = extra
-            totals.decode += time.perf_counter() - t_round
+            round_s = time.perf_counter() - t_round
+            totals.decode += round_s
+            if steady:
+                totals.steady += round_s
+                totals.steady_tokens += sum(len(r.tokens) for r in slots) - before
+            if self.planner:
+                self.planner.observe(g, live_acc, sp.greedy, self.full.slots, 1e3 * round_s)
             yield from self._events(slots)
 
     # ------------------------------------------------------------------ output
@@ -514,6 +522,8 @@ class _Totals:
     verify: float = 0.0
     draft_steps: int = 0  # batch steps, not per row
     verify_steps: int = 0
+    steady: float = 0.0  # decoding time of the rounds in which every request's row was live
+    steady_tokens: int = 0
     gammas: dict = field(default_factory=dict)  # gamma -> rounds run with it
     # The planner's prediction, summed over rounds: tokens per row, and cost in autoregressive steps.
     predicted_tokens: float = 0.0
@@ -550,4 +560,9 @@ class _Totals:
             "draft_steps": self.draft_steps,
             "verify_steps": self.verify_steps,
             "decode_tokens_per_s": decoded / self.decode if self.decode > 0 else None,
+            # Without the tail where finished rows idle until the batch's last row is done: what
+            # a server that refills finished rows would see.
+            "steady_s": self.steady,
+            "steady_tokens": self.steady_tokens,
+            "steady_tokens_per_s": self.steady_tokens / self.steady if self.steady > 0 else None,
         }

@@ -48,11 +48,27 @@ def test_planner_turns_speculation_off_where_it_loses_and_probes_back():
     p = Planner(calibration(0.5, lambda g, s: 2.0 + g), GAMMAS, [16, 32], probe_every=4)
     assert p.choose(16, True) > 0  # the prior (0.8) makes speculation worth it
     for _ in range(20):  # every draft rejected
-        p.observe(1, [0] * 8, greedy=True)
+        p.observe(1, [0] * 8, greedy=True, bucket=16, round_ms=p.calibrated_ms(1, 16, True))
     assert p.acceptance["greedy"].alphas()[0] < 0.05
     chosen = [p.choose(16, True) for _ in range(8)]
     assert chosen == [0, 0, 0, 1, 0, 0, 0, 1]  # plain decoding, with a 1-draft probe every 4th round
     assert p.choose(16, False) > 0  # sampled mode learns apart from greedy
+
+
+def test_planner_scales_costs_by_measured_round_times():
+    # Calibrated: verify 2 ms flat, draft 0.1 ms, so gamma 4 looks best at acceptance 0.8.
+    p = Planner(calibration(0.1, lambda g, s: 2.0), GAMMAS, [16, 32], cost_weight=0.5)
+    assert p.choose(16, True) == 4
+    for _ in range(30):  # but every gamma > 0 round takes 4x what the calibration said
+        for g in GAMMAS[1:]:
+            p.observe(g, [], greedy=True, bucket=16, round_ms=4 * p.calibrated_ms(g, 16, True))
+    assert p.cost_scale[4] == pytest.approx(4.0) and 0 not in p.cost_scale
+    # Plain decoding, never run, is assumed to drift like the others: the ratio stays 4 / 4.
+    assert p.speedup(4, 16, True) == pytest.approx(omega(p.acceptance["greedy"].alphas()) * 2.0 / 2.4)
+    for _ in range(30):  # plain decoding runs as calibrated: only speculation is dearer than it looked
+        p.observe(0, [], greedy=True, bucket=16, round_ms=p.calibrated_ms(0, 16, True))
+    assert p.speedup(4, 16, True) == pytest.approx(omega(p.acceptance["greedy"].alphas()) * 2.0 / (4 * 2.4))
+    assert p.choose(16, True) == 0
 
 
 def test_planner_never_probes_where_even_perfect_acceptance_loses():
@@ -100,12 +116,14 @@ def test_auto_gamma_generates_what_plain_decoding_does(calibrated, tiny_runtime)
     assert s["predicted_speedup"] > 0
 
 
-@pytest.mark.parametrize("draft_ms, want", [(1e6, {0}), (1e-6, {4})], ids=["draft-too-dear", "draft-free"])
-def test_auto_gamma_follows_the_costs(calibrated, tmp_path, draft_ms, want):
+@pytest.mark.parametrize("draft_ms, verify_ms, want", [(1e6, 1.0, {0}), (1e-6, 1e6, {4})],
+                         ids=["draft-too-dear", "draft-free"])
+def test_auto_gamma_follows_the_costs(calibrated, tmp_path, draft_ms, verify_ms, want):
+    """Calibrations so lopsided that the measured round times, which rescale them, cannot matter."""
     eng = copy_engine(calibrated, tmp_path)
     cal = Calibration.load(eng)
     cal.draft_ms = {"greedy": draft_ms, "sampled": draft_ms}
-    cal.verify_ms = {g: {s: 1.0 for s in b} for g, b in cal.verify_ms.items()}  # verify as dear as a decode step
+    cal.verify_ms = {g: {s: verify_ms for s in b} for g, b in cal.verify_ms.items()}  # verify as dear as a decode step
     cal.save(eng)
     rt = Runtime.load(eng)
     rt.generate(["w1 w2 w3"] * 8, max_new_tokens=20, gamma="auto")

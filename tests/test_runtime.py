@@ -149,3 +149,16 @@ def test_finished_slots_are_refilled_with_waiting_prompts(tiny_runtime):
         for i, p in enumerate(prompts):
             alone = dict(kw, seed=kw["seed"] + i) if "seed" in kw else kw
             assert results[i].token_ids == tiny_runtime.generate([p], max_new_tokens=25, **alone)[0].token_ids, i
+
+
+def test_steady_state_throughput_leaves_out_the_tail(tiny_runtime):
+    """Rounds count as steady while every request's row is live: all of them when rows finish
+    together (plain decoding, no EOS here), only those before the first row finishes otherwise."""
+    prompts = [f"w{i} w{(3 * i) % 16} w5" for i in range(8)]
+    tiny_runtime.generate(prompts, max_new_tokens=20, gamma=0)
+    s = tiny_runtime.last_stats
+    assert s["steady_tokens"] == s["new_tokens"] - len(prompts) and s["steady_s"] == s["decode_s"]
+    tiny_runtime.generate(prompts, max_new_tokens=20, gamma=4)
+    s = tiny_runtime.last_stats
+    # A steady round commits at least one token per row; the tail (rows done, others not) is left out.
+    assert len(prompts) <= s["steady_tokens"] < s["new_tokens"] - len(prompts) and s["steady_s"] < s["decode_s"]
