@@ -146,6 +146,7 @@ def point(stats: dict, ar: dict, batch: int, context: int, budget: int, temperat
         "acceptance_rate": stats["acceptance_rate"],
         "per_position_acceptance": p,
         "tokens_per_row_per_verify": (stats["new_tokens"] - batch) / batch / rounds,
+        "ms_autoregressive_step": 1e3 * ar["decode_s"] / ar["verify_steps"],
         "ms_per_round": 1e3 * stats["decode_s"] / rounds,
         "ms_draft_per_round": 1e3 * stats["draft_s"] / rounds,
         "ms_verify_per_round": 1e3 * stats["verify_s"] / rounds,
@@ -197,23 +198,22 @@ def main() -> None:
             SweepRuntime.saved = None
             for temperature in cfg["temperature"]:
                 # Modes run interleaved, --repeats times; each reports its median run (this
-                # machine's step times wander by +-15% over minutes).
+                # machine's step times wander by +-20-40% over minutes).
                 modes = [(cfg["budget"][0], 0)] + [(w, g) for w in cfg["budget"] for g in gammas + ["auto"]]
                 runs = {mode: [] for mode in modes}
                 for _ in range(cfg["repeats"]):
                     for w, gamma in modes:
-                        rt = runtimes[w]
+                        rt, fresh = runtimes[w], SweepRuntime.saved is None  # fresh: this run really prefills
                         rt.generate(prompts, max_new_tokens=cfg["new_tokens"], temperature=temperature, seed=0, gamma=gamma)
-                        runs[w, gamma].append(dict(rt.last_stats))
-                        if not prefill or prefill[-1]["context"] != context or prefill[-1]["batch"] != batch:
-                            s = rt.last_stats
+                        s = dict(rt.last_stats)
+                        runs[w, gamma].append(s)
+                        if fresh:
                             prefill.append({"batch": batch, "context": context, "prefill_s": s["prefill_s"],
                                             "tokens_per_s": batch * context / s["prefill_s"]})
                 median = {m: sorted(r, key=lambda s: s["steady_tokens_per_s"])[len(r) // 2] for m, r in runs.items()}
                 ar = median[modes[0]]
                 for (w, gamma), s in median.items():
                     pt = point(s, ar, batch, context, w, temperature, runtimes[w], (cost, bw, mm))
-                    pt["ms_autoregressive_step"] = 1e3 * ar["decode_s"] / ar["verify_steps"]
                     pt["runs_tokens_per_s"] = [r["steady_tokens_per_s"] for r in runs[w, gamma]]
                     points.append(pt)
                     print(f"B{batch} C{context} W{w} T{temperature} gamma {gamma}: {pt['tokens_per_s']:.1f} tok/s, "
