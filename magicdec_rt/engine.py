@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import attention
 from .checkpoint import load_model_dir
 from .errors import EngineError
 from .model import DecodeStep, ModelConfig, PrefillStep
@@ -236,7 +237,16 @@ def load_aoti_graph(path: Path, module: torch.nn.Module):
     """A compiled AOTInductor package whose weights are ``module``'s own tensors: packages are built
     without their weights, so every graph of an engine shares the one copy loaded from
     ``model.safetensors`` (no copy is made; ``module`` must outlive the graph)."""
-    graph = torch._inductor.aoti_load_package(str(path))
+    attention.kernel_available()  # CPU graphs call torch.ops.magicdec.attention: register it first
+    try:
+        graph = torch._inductor.aoti_load_package(str(path))
+    except RuntimeError as e:
+        if "magicdec::attention" not in str(e):
+            raise
+        raise EngineError(
+            f"compiled graph {str(path)!r} calls the CPU attention kernel, which could not be built "
+            "here (see the warning above); install a C++ compiler (g++)"
+        ) from None
     tensors = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
     names = graph.get_constant_fqns()
     missing = [n for n in names if n not in tensors]

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention
 from .parallel import Shard
 
-# Blocks of at least this many tokens use the fused attention kernel (see Attention).
+# Blocks of at least this many tokens use the fused SDPA kernel (see Attention).
 SDPA_MIN_BLOCK = 16
 
 
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, cache_bias, causal_bias):
+    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias):
         B, T, _ = x.shape
         kv, d, group = self.kv, self.d, self.group
         q = self.q_proj(x).view(B, T, kv, group, d).permute(0, 2, 3, 1, 4)  # [B,kv,G,T,d]
@@ -100,54 +101,21 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, kv, d).transpose(1, 2)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        # Three attention paths, one math (tests/test_steps.py holds them to the same reference).
+        # Three attention paths, one math (tests/test_steps.py and tests/test_attention.py hold them
+        # to the same reference): long blocks (prefill) are compute-bound, short ones (decode,
+        # draft, verify) bound by reading the cache.
         if T >= SDPA_MIN_BLOCK:
             o = self._attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
-        elif T > 1 and cache_k.device.type == "cpu":
-            o = self._attend_merged(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
+        elif attention.use_kernel(q):
+            o = torch.ops.magicdec.attention(
+                q.reshape(B, kv, group * T, d), cache_k, cache_v, lengths, k.contiguous(), v.contiguous(), d**-0.5
+            ).view(B, kv, group, T, d)
         else:
-            o = self._attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
+            o = attention.split_attention(
+                q.reshape(B, kv, group * T, d), k, v, cache_k, cache_v, cache_bias, causal_bias
+            ).view(B, kv, group, T, d)
         o = o.permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)  # [B,kv,G,T,d] -> [B,T,heads*d]
         return self.shard.all_reduce(self.o_proj(o)), k, v
-
-    @staticmethod
-    def _attend_split(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
-        """Short blocks (draft, verify): bandwidth-bound on reading the cache. The query group is
-        folded into the row dimension so every matmul is a plain batched GEMM over [B*kv]: the
-        cache is read once per kv head, never expanded to the query heads and never concatenated
-        with the new keys (that would copy the whole cache every step). Scale and masks ride in
-        the GEMMs (``baddbmm``) instead of separate passes over the scores."""
-        B, kv, group, T, d = q.shape
-        S = cache_k.shape[2]
-        q = (q * d**-0.5).reshape(B * kv, group * T, d)
-        bias = cache_bias.expand(B, kv, 1, S).reshape(B * kv, 1, S)
-        s_cache = torch.baddbmm(bias, q, cache_k.reshape(B * kv, S, d).transpose(1, 2))
-        s_block = torch.baddbmm(causal_bias.repeat(group, 1), q, k.reshape(B * kv, T, d).transpose(1, 2))
-        # Every query sees at least itself, so no row of the softmax is all -inf.
-        p = torch.softmax(torch.cat((s_cache, s_block), dim=-1), dim=-1, dtype=torch.float32).to(v.dtype)
-        o = torch.baddbmm(p[..., S:] @ v.reshape(B * kv, T, d), p[..., :S], cache_v.reshape(B * kv, S, d))
-        return o.view(B, kv, group, T, d)
-
-    @staticmethod
-    def _attend_merged(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
-        """Verify blocks on the CPU. Materialised scores cost in proportion to the group·T query
-        rows (bias, softmax and casts each pass over them), so a verify step there cost ~2x a
-        decode step at T=4 (bench/attention.py). The fused flash kernel reads the cache once for all
-        query rows and keeps its scores in registers; the block's own T keys are done exactly in
-        float32; the two softmaxes merge by their log-sum-exps. At T=1 the split path is faster."""
-        B, kv, group, T, d = q.shape
-        S = cache_k.shape[2]
-        q = q.reshape(B, kv, group * T, d)
-        o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, cache_k, cache_v, attn_mask=cache_bias.expand(B, 1, group * T, S)
-        )
-        # The kernel reports lse 0 (not -inf) for a row with no valid slot.
-        lse_c = torch.where(cache_bias[:, :, 0, :1] == 0, lse_c, float("-inf"))  # [B,1,1]
-        s = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5 + causal_bias.float().repeat(group, 1)
-        lse_b = s.logsumexp(-1)
-        lse = torch.logaddexp(lse_c, lse_b)
-        o = o_c.float() * (lse_c - lse).exp()[..., None] + (s - lse[..., None]).exp() @ v.float()
-        return o.to(v.dtype).view(B, kv, group, T, d)
 
     @staticmethod
     def _attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
@@ -187,8 +155,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, cache_bias, causal_bias):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, cache_bias, causal_bias)
+    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -237,7 +205,7 @@ class Transformer(nn.Module):
         causal_bias = torch.where(idx[None, :] <= idx[:, None], zero, neg)  # [T,T]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], cache_bias, causal_bias)
+            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], lengths, cache_bias, causal_bias)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), torch.stack(new_k), torch.stack(new_v)

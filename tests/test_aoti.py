@@ -126,5 +126,6 @@ def test_compiled_steps_refuse_strided_inputs(aoti_runtime):
     strided = [c[:, :, :16] for c in k]  # a bucket view of a larger layout
     args = (torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long), strided, v,
             torch.zeros(B, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"step input 2 \(shape \[8, 2, 16, 8\]\) is not contiguous"):
+    shape = f"[{B}, {m.model.num_kv_heads}, 16, {m.model.head_dim}]"
+    with pytest.raises(RuntimeError, match=rf"step input 2 \(shape \{shape}\) is not contiguous"):
         aoti_runtime.steps("verify0@32", *args)

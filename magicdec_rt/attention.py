@@ -1,0 +1,99 @@
+"""Attention over a KV cache for short blocks (decode, draft, verify): the torch math that
+specifies it, and the fused CPU kernel ``torch.ops.magicdec.attention`` (``csrc/attention.cpp``)
+that computes it there.
+
+Semantics, shared by both: ``q [B, kv, G*T, d]`` holds the query group folded into rows (query head
+``g`` of KV head ``h``, block token ``t`` at row ``g*T + t``); row ``b`` attends to its cache slots
+``[0, lengths[b])`` and, causally, to the block's own ``T`` keys (``k_new``, ``v_new``: token ``t``
+sees ``0..t``); without block keys, a row with no valid slot returns zeros.
+
+The kernel is compiled once per machine on first use (``torch.utils.cpp_extension``, cached in
+torch's extension directory) and registered with ``TORCH_LIBRARY``, so ``torch.export`` records it
+as one op and AOTInductor graphs call it. Where it cannot be built (no C++ compiler) the model
+falls back to ``reference`` with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
+HEAD_DIMS = (64, 128)
+
+
+def split_attention(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
+    """The torch math: ``q [B, kv, R, d]``, block keys ``k, v [B, kv, T, d]``, masks as
+    additive biases ``cache_bias [B, 1, 1, S]`` and ``causal_bias [T, T]``. The query group is folded
+    into the rows so every matmul is a batched GEMM over ``[B*kv]``: the cache is read once per KV
+    head, never expanded to the query heads nor concatenated with the new keys (that would copy it
+    every step). Scale and masks ride in the GEMMs (``baddbmm``). Used on CUDA, and as the kernel's
+    specification."""
+    B, kv, R, d = q.shape
+    T, S = k.shape[2], cache_k.shape[2]
+    q = (q * d**-0.5).reshape(B * kv, R, d)
+    bias = cache_bias.expand(B, kv, 1, S).reshape(B * kv, 1, S)
+    s_cache = torch.baddbmm(bias, q, cache_k.reshape(B * kv, S, d).transpose(1, 2))
+    s_block = torch.baddbmm(causal_bias.repeat(R // T, 1), q, k.reshape(B * kv, T, d).transpose(1, 2))
+    # Every query sees at least itself, so no row of the softmax is all -inf.
+    p = torch.softmax(torch.cat((s_cache, s_block), dim=-1), dim=-1, dtype=torch.float32).to(v.dtype)
+    o = torch.baddbmm(p[..., S:] @ v.reshape(B * kv, T, d), p[..., :S], cache_v.reshape(B * kv, S, d))
+    return o.view(B, kv, R, d)
+
+
+def reference(q, k_cache, v_cache, lengths, k_new, v_new, scale):
+    """The op's specification, in float32: one softmax over the valid cache slots and the block's
+    visible keys."""
+    B, kv, R, d = q.shape
+    S = k_cache.shape[2]
+    keys, values = k_cache.float(), v_cache.float()
+    mask = (torch.arange(S)[None] < lengths[:, None])[:, None, None, :].expand(B, 1, R, S)
+    if k_new is not None:
+        T = k_new.shape[2]
+        keys, values = torch.cat((keys, k_new.float()), 2), torch.cat((values, v_new.float()), 2)
+        t = torch.arange(R) % T
+        causal = torch.arange(T)[None, :] <= t[:, None]  # [R, T]
+        mask = torch.cat((mask, causal.expand(B, 1, R, T)), -1)
+    s = (q.float() @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a row with no visible key: all weights 0
+    return (p @ values).to(q.dtype)
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Build (once per machine) and load the CPU kernel; False, with one warning, if it cannot be."""
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="magicdec_attention",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return True
+    except Exception as e:  # no compiler, no ninja, a failed build: the reference path still works
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        warnings.warn(
+            f"magicdec-rt: the CPU attention kernel could not be built ({msg}); using the slower "
+            "torch path. Install a C++ compiler (g++) to get it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+
+
+def use_kernel(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.shape[-1] in HEAD_DIMS and kernel_available()
+
+
+def set_isa(isa: str = "") -> str:
+    """Force the kernel's instruction set (``avx512``, ``avx2``, ``portable``, ``auto``); returns the
+    one in use. For tests and benchmarks."""
+    kernel_available()
+    return torch.ops.magicdec.set_isa(isa)

@@ -1,0 +1,77 @@
+"""What this CPU can do: its model and flags (recorded with every measurement and in compiled
+engines), whether it multiplies bfloat16 natively, and the instruction sets a compiled graph needs.
+
+Why it matters: the same kind of machine comes with an AMX Xeon, an AVX-512-BF16 EPYC or an
+AVX2-only EPYC. Without AVX-512-BF16 or AMX, torch multiplies bfloat16 by emulation (a 2048^2
+bf16 matmul measured < 1 GFLOP/s there against 170 in float32), so ``--dtype auto`` picks float32;
+and an AOTInductor graph compiled for AVX-512 dies with an illegal instruction on an AVX2 CPU, so
+the manifest names the instruction sets its graphs need and loading checks them.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+# Spellings of compiler -m flags as /proc/cpuinfo lists them, where they differ.
+_CPUINFO_NAMES = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+                  "avxvnni": "avx_vnni", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16", "amx-int8": "amx_int8"}
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def model_name() -> str:
+    return _cpuinfo()[0]
+
+
+def flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo spells them (empty where it does not exist)."""
+    return _cpuinfo()[1]
+
+
+def native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 in hardware (AMX or AVX-512-BF16, which oneDNN uses)?"""
+    return bool({"amx_bf16", "avx512_bf16"} & flags())
+
+
+def describe() -> dict:
+    """What a measurement records about the machine."""
+    f = flags()
+    isa = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if x in f]
+    return {"cpu": model_name(), "isa": isa, "native_bf16": native_bf16()}
+
+
+def auto_dtype() -> str:
+    """The engine dtype ``--dtype auto`` picks on this machine's CPU."""
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def compiled_isa() -> list[str]:
+    """The instruction sets AOTInductor compiles CPU graphs for on this machine (cpuinfo names)."""
+    from torch._inductor import cpu_vec_isa
+
+    names = set()
+    for flag in cpu_vec_isa.pick_vec_isa().build_arch_flags().split():
+        if flag.startswith("-m") and not flag.startswith("-march"):
+            names.add(_CPUINFO_NAMES.get(flag[2:], flag[2:].replace("-", "_")))
+    return sorted(names)
+
+
+def missing(required: list[str]) -> list[str]:
+    """The instruction sets of ``required`` this CPU lacks (none where its flags are unknown)."""
+    f = flags()
+    return [x for x in required if f and x not in f]
