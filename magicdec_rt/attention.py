@@ -45,8 +45,8 @@ def split_attention(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
 
 
 def reference(q, k_cache, v_cache, lengths, k_new, v_new, scale):
-    """The op's specification, in float32: one softmax over the valid cache slots and the block's
-    visible keys."""
+    """The op's specification, computed and returned in float32: one softmax over the valid cache
+    slots and the block's visible keys."""
     B, kv, R, d = q.shape
     S = k_cache.shape[2]
     keys, values = k_cache.float(), v_cache.float()
@@ -59,7 +59,7 @@ def reference(q, k_cache, v_cache, lengths, k_new, v_new, scale):
         mask = torch.cat((mask, causal.expand(B, 1, R, T)), -1)
     s = (q.float() @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)  # a row with no visible key: all weights 0
-    return (p @ values).to(q.dtype)
+    return p @ values
 
 
 @functools.cache

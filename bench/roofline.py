@@ -1,0 +1,172 @@
+"""How close each step of the runtime comes to this CPU's roofline, and the attention op alone.
+
+    python bench/roofline.py                                   # points 8x4096 16x7680, gamma 1-6
+    python bench/roofline.py --points 2x512 --gammas 1 3 --repeats 1 --out /tmp/roofline/roofline.json
+
+Measures, in the same run, this machine's read bandwidth and float32 / bfloat16 matmul peaks, then
+times the eager steps of the model (``magicdec_rt.model``, no engine) on random caches for every
+batch x context point: the AR step (T=1 over the context), the draft step (T=1 over the draft
+cache's slots), the verify steps (T=gamma+1 over the context) and a prefill chunk (one row, 256
+tokens). Each step's floor is max(bytes / bandwidth, FLOPs / matmul peak of the dtype)
+(``workload.StepCost``); the table gives the measured time against it. A second table times the
+attention op of one layer (``torch.ops.magicdec.attention``, per kernel ISA) against PyTorch's
+flash kernel over the same cache. Prints markdown; writes ``--out`` (JSON) and ``.md`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from workload import ROOT, StepCost, measure_bandwidth, measure_matmul
+
+from magicdec_rt import attention, cpu
+from magicdec_rt.checkpoint import build_model, embedded_model_path, load_source
+from magicdec_rt.model import DecodeStep, PrefillStep
+
+PREFILL_CHUNK = 256
+ISAS = ("avx512", "avx2", "portable")
+
+
+def time_ms(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def random_caches(model, batch: int, slots: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    c = model.cfg
+    return [torch.randn(batch, c.num_kv_heads, slots, c.head_dim, dtype=dtype) * 0.5 for _ in range(c.num_layers)]
+
+
+def step_inputs(model, batch: int, tokens: int, context: int, length: int):
+    """tokens, positions (the block right after the context), lengths."""
+    ids = torch.randint(model.cfg.vocab_size, (batch, tokens))
+    positions = (context + torch.arange(tokens)).expand(batch, tokens).contiguous()
+    return ids, positions, torch.full((batch,), length, dtype=torch.long)
+
+
+def steps(model, cost, args, batch: int, context: int, bw: float, peak: float) -> list[dict]:
+    decode, prefill = DecodeStep(model), PrefillStep(model)
+    ck, cv = random_caches(model, batch, context, args.torch_dtype), random_caches(model, batch, context, args.torch_dtype)
+    dk, dv = (random_caches(model, batch, args.draft_slots, args.torch_dtype) for _ in range(2))
+    # (name, T, rows, slots attended, call). The draft attends to every slot of its own cache,
+    # at positions after the context (keys keep their original positions).
+    runs = []
+    for name, T, slots, k, v in [("AR", 1, context, ck, cv), ("draft", 1, args.draft_slots, dk, dv),
+                                 *((f"verify γ={g}", g + 1, context, ck, cv) for g in args.gammas)]:
+        ids, pos, lengths = step_inputs(model, batch, T, context, slots)
+        runs.append((name, T, batch, slots, lambda ids=ids, pos=pos, k=k, v=v, lengths=lengths: decode(ids, pos, k, v, lengths)))
+    ids, pos, lengths = step_inputs(model, 1, PREFILL_CHUNK, context, context)
+    last = torch.tensor([PREFILL_CHUNK - 1])
+    # Row 0 of each layer's cache is a contiguous [1, kv, S, d] view: no copy of the cache.
+    runs.append(("prefill", PREFILL_CHUNK, 1, context, lambda: prefill(ids, pos, [c[:1] for c in ck], [c[:1] for c in cv], lengths, last)))
+    rows = []
+    for name, T, rows_, slots, fn in runs:
+        ms = time_ms(fn, args.repeats)
+        nbytes, flops = cost.bytes(rows_, slots), cost.flops(rows_, T, slots)
+        floor_s, bound = cost.floor_s(rows_, T, slots, bw, peak)
+        rows.append(dict(batch=batch, context=context, step=name, tokens=T, rows=rows_, slots=slots, bytes=nbytes,
+                         flops=flops, bound=bound, roofline_ms=1e3 * floor_s, measured_ms=ms,
+                         measured_over_roofline=ms / (1e3 * floor_s), pct_of_roofline=100 * 1e3 * floor_s / ms))
+        print(f"  {batch}x{context} {name}: {ms:.2f} ms", file=sys.stderr)
+    for r in rows:
+        r["over_AR"] = r["measured_ms"] / rows[0]["measured_ms"]
+    return rows
+
+
+def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
+    """One layer's attention (3 KV heads x 3 query heads, head dim 64) over a full cache."""
+    kv, G, d, dt = 3, 3, 64, args.torch_dtype
+    k_cache, v_cache = torch.randn(batch, kv, context, d, dtype=dt), torch.randn(batch, kv, context, d, dtype=dt)
+    lengths = torch.full((batch,), context, dtype=torch.long)
+    floor_ms = 1e3 * 2 * k_cache.nbytes / bw
+    rows = []
+    for T in args.tokens:
+        q = torch.randn(batch, kv, G * T, d, dtype=dt)
+        k_new, v_new = torch.randn(batch, kv, T, d, dtype=dt), torch.randn(batch, kv, T, d, dtype=dt)
+        stock = time_ms(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_cache, v_cache), args.repeats)
+        for isa in ISAS:
+            try:
+                attention.set_isa(isa)
+            except RuntimeError:  # this CPU lacks the instruction set
+                continue
+            ms = time_ms(lambda: torch.ops.magicdec.attention(q, k_cache, v_cache, lengths, k_new, v_new, d**-0.5), args.repeats)
+            rows.append(dict(batch=batch, context=context, tokens=T, isa=isa, kernel_ms=ms,
+                             GB_s=2 * k_cache.nbytes / ms / 1e6, pct_of_floor=100 * floor_ms / ms, stock_ms=stock,
+                             speedup=stock / ms))
+    attention.set_isa("auto")
+    return rows
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"`{r['command']}`", "",
+             f"{m['cpu']} ({', '.join(m['isa'])}), torch {m['torch']}, {m['threads']} threads, {r['dtype']}, "
+             f"kernel ISA {m['kernel_isa']}. Read bandwidth {m['read_bandwidth_GB_s']:.1f} GB/s; matmul "
+             f"{m['matmul_GFLOP_s']['float32']:.0f} GFLOP/s float32, {m['matmul_GFLOP_s']['bfloat16']:.0f} bfloat16.", "",
+             "| B x context | step | T | slots | MB read | GFLOP | bound | roofline ms | measured ms | measured / roofline "
+             "| % of roofline | / AR |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in r["steps"]:
+        lines.append(f"| {s['batch']}x{s['context']} | {s['step']} | {s['tokens']} | {s['slots']} | {s['bytes'] / 1e6:.0f} "
+                     f"| {s['flops'] / 1e9:.1f} | {s['bound']} | {s['roofline_ms']:.2f} | {s['measured_ms']:.2f} "
+                     f"| {s['measured_over_roofline']:.2f} | {s['pct_of_roofline']:.0f}% | {s['over_AR']:.2f} |")
+    lines += ["", "Attention op, one layer (3 KV x 3 query heads, d 64), cache read once: GB/s = 2 x K bytes / time.", "",
+              "| B x context | T | ISA | kernel ms | GB/s | % of floor | stock flash ms | speedup |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in r["attention"]:
+        lines.append(f"| {a['batch']}x{a['context']} | {a['tokens']} | {a['isa']} | {a['kernel_ms']:.3f} | {a['GB_s']:.1f} "
+                     f"| {a['pct_of_floor']:.0f}% | {a['stock_ms']:.3f} | {a['speedup']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"])
+    p.add_argument("--points", nargs="+", default=["8x4096", "16x7680"], help="BATCHxCONTEXT")
+    p.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    p.add_argument("--draft-slots", type=int, default=272, help="draft cache slots: budget 256 + 16 scratch")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(range(1, 8)), help="attention op: query tokens per row")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "roofline" / "roofline.json")
+    args = p.parse_args()
+    args.torch_dtype = getattr(torch, args.dtype)
+    points = [tuple(map(int, s.split("x"))) for s in args.points]
+    if not attention.kernel_available():
+        sys.exit("error: the attention kernel could not be built (see the warning above)")
+
+    bw = measure_bandwidth()
+    peaks = {name: measure_matmul(getattr(torch, name)) for name in ("float32", "bfloat16")}
+    config, state, _, _ = load_source(args.model or embedded_model_path())
+    model = build_model(config, state, args.torch_dtype)
+    cost = StepCost(model.cfg, args.torch_dtype.itemsize)
+    report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), dtype=args.dtype,
+                  model=str(args.model or embedded_model_path()),
+                  machine=dict(**cpu.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
+                               kernel_isa=attention.set_isa(""), read_bandwidth_GB_s=bw / 1e9,
+                               matmul_GFLOP_s={k: v / 1e9 for k, v in peaks.items()}),
+                  steps=[], attention=[])
+    with torch.inference_mode():
+        for B, S in points:
+            report["steps"] += steps(model, cost, args, B, S, bw, peaks[args.dtype])
+        for B, S in points:
+            report["attention"] += attention_ops(args, B, S, bw)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

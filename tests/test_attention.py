@@ -1,0 +1,125 @@
+"""The CPU attention kernel (torch.ops.magicdec.attention) against its specification
+(magicdec_rt.attention.reference), on every instruction-set path this CPU can run, in export, and
+in the model's steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magicdec_rt import attention
+
+pytestmark = pytest.mark.skipif(not attention.kernel_available(), reason="no C++ compiler for the kernel")
+
+ISAS = [isa for isa in ("avx512", "avx2", "portable") if attention.set_isa(isa) == isa]
+attention.set_isa("auto")
+
+# float32: the kernel computes in float32 with a polynomial exp2 (~2e-7 relative) and another
+# summation order. bfloat16/float16 inputs are exact in float32, so the only extra error is the one
+# rounding of the output to 8 (11) significant bits: at most 2^-9 (2^-12) of the value; the bound
+# takes twice that, plus float32's share relative to the row's scale.
+REL = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+def case(B, kv, G, T, S, d, dtype, seed, block_keys=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, kv, G * T, d, generator=g).to(dtype)
+    kc, vc = (torch.randn(B, kv, S, d, generator=g).to(dtype) for _ in range(2))
+    lengths = torch.randint(0, S + 1, (B,), generator=g)
+    lengths[0] = 0
+    lengths[-1] = S
+    kn, vn = (torch.randn(B, kv, T, d, generator=g).to(dtype) for _ in range(2)) if block_keys else (None, None)
+    return q, kc, vc, lengths, kn, vn
+
+
+def check_close(out, ref, dtype):
+    """``ref`` in float32; ``out`` in ``dtype``."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert not out.isnan().any()
+    err = (out.float() - ref).abs()
+    scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    ok = err <= REL[dtype] * ref.abs() + 1e-5 * scale
+    assert bool(ok.all()), f"worst error {float((err / scale).max()):.3g} of the row's scale"
+
+
+SHAPES = [  # B, kv, G, T, S, d
+    (1, 3, 3, 1, 2000, 64),  # one row: slots split across threads
+    (16, 3, 3, 4, 300, 64),
+    (4, 2, 8, 16, 257, 128),
+    (2, 1, 1, 7, 1500, 64),
+    (5, 3, 3, 2, 17, 128),
+    (3, 4, 3, 13, 64, 64),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-kv{}-G{}-T{}-S{}-d{}".format(*s))
+def test_kernel_matches_reference(isa, dtype, shape):
+    attention.set_isa(isa)
+    try:
+        q, kc, vc, lengths, kn, vn = case(*shape, dtype, seed=sum(shape))
+        scale = shape[-1] ** -0.5
+        out = torch.ops.magicdec.attention(q, kc, vc, lengths, kn, vn, scale)
+        check_close(out, attention.reference(q, kc, vc, lengths, kn, vn, scale), dtype)
+    finally:
+        attention.set_isa("auto")
+
+
+@pytest.mark.parametrize("T", range(1, 17))
+def test_every_block_length_and_per_row_lengths(T):
+    q, kc, vc, lengths, kn, vn = case(7, 3, 3, T, 96, 64, torch.float32, seed=T)
+    out = torch.ops.magicdec.attention(q, kc, vc, lengths, kn, vn, 0.125)
+    check_close(out, attention.reference(q, kc, vc, lengths, kn, vn, 0.125), torch.float32)
+
+
+def test_rows_without_keys_return_zeros_and_lengths_past_the_cache_mean_all_of_it():
+    q, kc, vc, _, _, _ = case(3, 2, 3, 1, 40, 64, torch.float32, seed=1, block_keys=False)
+    lengths = torch.tensor([0, 40, 1000])
+    for t in (q, kc, vc):
+        t[2] = t[1]
+    out = torch.ops.magicdec.attention(q, kc, vc, lengths, None, None, 0.125)
+    assert (out[0] == 0).all() and not out.isnan().any()
+    check_close(out, attention.reference(q, kc, vc, lengths, None, None, 0.125), torch.float32)
+    assert torch.equal(out[2], out[1])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_path_agrees_with_the_portable_one(isa):
+    q, kc, vc, lengths, kn, vn = case(6, 3, 3, 4, 700, 64, torch.bfloat16, seed=9)
+    outs = {}
+    for name in (isa, "portable"):
+        attention.set_isa(name)
+        outs[name] = torch.ops.magicdec.attention(q.float(), kc, vc, lengths, kn, vn, 0.125)
+    attention.set_isa("auto")
+    torch.testing.assert_close(outs[isa], outs["portable"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    q, kc, vc, lengths, kn, vn = case(2, 1, 1, 2, 8, 64, torch.float32, seed=2)
+    with pytest.raises(RuntimeError, match="head dim 32 is not 64 or 128"):
+        torch.ops.magicdec.attention(q[..., :32], kc[..., :32], vc[..., :32], lengths, kn[..., :32], vn[..., :32], 1.0)
+    with pytest.raises(RuntimeError, match="lengths must be int64"):
+        torch.ops.magicdec.attention(q, kc, vc, lengths.int(), kn, vn, 1.0)
+    with pytest.raises(RuntimeError, match=r"T dividing the 2 query rows"):
+        torch.ops.magicdec.attention(q, kc, vc, lengths, kn[:, :, :0], vn[:, :, :0], 1.0)
+    with pytest.raises(RuntimeError, match="unknown kernel ISA 'sse9'"):
+        attention.set_isa("sse9")
+    assert attention.set_isa() == attention.set_isa("auto")
+
+
+def test_steps_call_the_kernel_and_export_it(tiny_engine):
+    """The model's short blocks go through the op (the tiny engines have head dim 64), and
+    torch.export records it as one node, which AOTInductor graphs then call (tests/test_aoti.py)."""
+    from builders.export import export_step
+    from magicdec_rt.engine import read_manifest
+    from magicdec_rt.checkpoint import load_model_dir
+
+    m = read_manifest(tiny_engine)
+    model = load_model_dir(tiny_engine, torch.float32)
+    for name in ("draft", "verify2@64"):
+        ep = export_step(model, m, name)
+        ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+        assert ops.count(torch.ops.magicdec.attention.default) == m.model.num_layers
+    prefill = export_step(model, m, "prefill@64")  # long blocks stay on SDPA
+    assert torch.ops.magicdec.attention.default not in [n.target for n in prefill.graph.nodes]
