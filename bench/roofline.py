@@ -16,6 +16,7 @@ flash kernel over the same cache. Prints markdown; writes ``--out`` (JSON) and `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -57,28 +58,29 @@ def step_inputs(model, batch: int, tokens: int, context: int, length: int):
 
 
 def steps(model, cost, args, batch: int, context: int, bw: float, peak: float) -> list[dict]:
-    decode, prefill = DecodeStep(model), PrefillStep(model)
-    ck, cv = random_caches(model, batch, context, args.torch_dtype), random_caches(model, batch, context, args.torch_dtype)
-    dk, dv = (random_caches(model, batch, args.draft_slots, args.torch_dtype) for _ in range(2))
+    decode, prefill, dt = DecodeStep(model), PrefillStep(model), args.torch_dtype
+    ck, cv = random_caches(model, batch, context, dt), random_caches(model, batch, context, dt)
+    dk, dv = random_caches(model, batch, args.draft_slots, dt), random_caches(model, batch, args.draft_slots, dt)
     # (name, T, rows, slots attended, call). The draft attends to every slot of its own cache,
     # at positions after the context (keys keep their original positions).
     runs = []
     for name, T, slots, k, v in [("AR", 1, context, ck, cv), ("draft", 1, args.draft_slots, dk, dv),
                                  *((f"verify γ={g}", g + 1, context, ck, cv) for g in args.gammas)]:
         ids, pos, lengths = step_inputs(model, batch, T, context, slots)
-        runs.append((name, T, batch, slots, lambda ids=ids, pos=pos, k=k, v=v, lengths=lengths: decode(ids, pos, k, v, lengths)))
+        runs.append((name, T, batch, slots, functools.partial(decode, ids, pos, k, v, lengths)))
+    # Row 0 of each layer's cache is a contiguous [1, kv, S, d] view: no copy of the cache.
+    pk, pv = [c[:1] for c in ck], [c[:1] for c in cv]
     ids, pos, lengths = step_inputs(model, 1, PREFILL_CHUNK, context, context)
     last = torch.tensor([PREFILL_CHUNK - 1])
-    # Row 0 of each layer's cache is a contiguous [1, kv, S, d] view: no copy of the cache.
-    runs.append(("prefill", PREFILL_CHUNK, 1, context, lambda: prefill(ids, pos, [c[:1] for c in ck], [c[:1] for c in cv], lengths, last)))
+    runs.append(("prefill", PREFILL_CHUNK, 1, context, functools.partial(prefill, ids, pos, pk, pv, lengths, last)))
     rows = []
-    for name, T, rows_, slots, fn in runs:
+    for name, T, n, slots, fn in runs:
         ms = time_ms(fn, args.repeats)
-        nbytes, flops = cost.bytes(rows_, slots), cost.flops(rows_, T, slots)
-        floor_s, bound = cost.floor_s(rows_, T, slots, bw, peak)
-        rows.append(dict(batch=batch, context=context, step=name, tokens=T, rows=rows_, slots=slots, bytes=nbytes,
-                         flops=flops, bound=bound, roofline_ms=1e3 * floor_s, measured_ms=ms,
-                         measured_over_roofline=ms / (1e3 * floor_s), pct_of_roofline=100 * 1e3 * floor_s / ms))
+        floor_s, bound = cost.floor_s(n, T, slots, bw, peak)
+        rows.append(dict(batch=batch, context=context, step=name, tokens=T, rows=n, slots=slots,
+                         bytes=cost.bytes(n, slots), flops=cost.flops(n, T, slots), bound=bound,
+                         roofline_ms=1e3 * floor_s, measured_ms=ms, measured_over_roofline=ms / (1e3 * floor_s),
+                         pct_of_roofline=100 * 1e3 * floor_s / ms))
         print(f"  {batch}x{context} {name}: {ms:.2f} ms", file=sys.stderr)
     for r in rows:
         r["over_AR"] = r["measured_ms"] / rows[0]["measured_ms"]
@@ -91,21 +93,26 @@ def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
     k_cache, v_cache = torch.randn(batch, kv, context, d, dtype=dt), torch.randn(batch, kv, context, d, dtype=dt)
     lengths = torch.full((batch,), context, dtype=torch.long)
     floor_ms = 1e3 * 2 * k_cache.nbytes / bw
+    # The stock kernel gets the query group folded into rows too: same cache, same query rows.
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     rows = []
-    for T in args.tokens:
-        q = torch.randn(batch, kv, G * T, d, dtype=dt)
-        k_new, v_new = torch.randn(batch, kv, T, d, dtype=dt), torch.randn(batch, kv, T, d, dtype=dt)
-        stock = time_ms(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_cache, v_cache), args.repeats)
-        for isa in ISAS:
-            try:
-                attention.set_isa(isa)
-            except RuntimeError:  # this CPU lacks the instruction set
-                continue
-            ms = time_ms(lambda: torch.ops.magicdec.attention(q, k_cache, v_cache, lengths, k_new, v_new, d**-0.5), args.repeats)
-            rows.append(dict(batch=batch, context=context, tokens=T, isa=isa, kernel_ms=ms,
-                             GB_s=2 * k_cache.nbytes / ms / 1e6, pct_of_floor=100 * floor_ms / ms, stock_ms=stock,
-                             speedup=stock / ms))
-    attention.set_isa("auto")
+    try:
+        for T in args.tokens:
+            q = torch.randn(batch, kv, G * T, d, dtype=dt)
+            k_new, v_new = torch.randn(batch, kv, T, d, dtype=dt), torch.randn(batch, kv, T, d, dtype=dt)
+            stock = time_ms(lambda: flash(q, k_cache, v_cache, scale=d**-0.5), args.repeats)
+            for isa in ISAS:
+                try:
+                    attention.set_isa(isa)
+                except RuntimeError:  # this CPU lacks the instruction set
+                    continue
+                ms = time_ms(lambda: torch.ops.magicdec.attention(q, k_cache, v_cache, lengths, k_new, v_new, d**-0.5),
+                             args.repeats)
+                rows.append(dict(batch=batch, context=context, tokens=T, isa=isa, kernel_ms=ms,
+                                 GB_s=2 * k_cache.nbytes / ms / 1e6, pct_of_floor=100 * floor_ms / ms, stock_ms=stock,
+                                 speedup=stock / ms))
+    finally:
+        attention.set_isa("auto")
     return rows
 
 

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import magicdec_rt
+from magicdec_rt import cpu
 from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
 from magicdec_rt.cli import OneLineErrors, run_cli
 from magicdec_rt.engine import BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets, read_manifest
@@ -44,7 +46,7 @@ def _check_options(backend, device, dtype, max_batch, gammas, default_gamma, dra
     if device == "cuda" and not torch.cuda.is_available():
         raise EngineError("device 'cuda' was requested but this machine has no CUDA device")
     if dtype not in DTYPES:
-        raise EngineError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        raise EngineError(f"dtype {dtype!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
     limits = (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1), ("world_size", world_size, 1))
     for name, value, low in limits:
         if value < low:
@@ -65,6 +67,28 @@ def _check_options(backend, device, dtype, max_batch, gammas, default_gamma, dra
             f"backend {backend!r} with world_size={world_size} is not supported: compiled graphs cannot run "
             "torch's collectives here (AOTInductor's wait_tensor fails at run time); use --backend eager"
         )
+
+
+def warn_emulated_bf16() -> None:
+    """bfloat16 without hardware support: say what it costs here, measured (a batch-16 projection
+    of SmolLM2's MLP shape, 576 -> 1536)."""
+    w, x = torch.randn(1536, 576), torch.randn(16, 576)
+
+    def seconds(dt):
+        a, b = x.to(dt), w.to(dt)
+        torch.nn.functional.linear(a, b)
+        t = time.perf_counter()
+        for _ in range(5):
+            torch.nn.functional.linear(a, b)
+        return time.perf_counter() - t
+
+    ratio = seconds(torch.bfloat16) / seconds(torch.float32)
+    warnings.warn(
+        f"this CPU ({cpu.model_name()}) has no AMX or AVX-512-BF16, so torch emulates bfloat16: a batch-16 "
+        f"576x1536 linear ran {ratio:.1f}x the float32 time here; --dtype auto picks float32 on this CPU",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def build_engine(
@@ -89,11 +113,16 @@ def build_engine(
     show_progress: bool = True,
     calibrate: bool = False,
 ) -> Path:
-    """Build an engine directory and return its path. The engine serves ``gammas`` (default every
+    """Build an engine directory and return its path. ``dtype="auto"`` picks bfloat16 where the CPU
+    multiplies it natively (AMX, AVX-512-BF16) or on CUDA, float32 elsewhere. The engine serves ``gammas`` (default every
     gamma in [0, max_gamma]; 0, plain decoding, is always included) at every context bucket
     (default: powers of two from 512, ending at ``max_seq_len``). ``calibrate`` times the built
     steps here for the gamma planner (``magicdec-calibrate``)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
+    if dtype == "auto":
+        dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"
+    elif dtype == "bfloat16" and device == "cpu" and not cpu.native_bf16():
+        warn_emulated_bf16()
     _check_options(backend, device, dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
                    prefill_chunk, world_size, buckets)
     source = embedded_model_path() if model is None else Path(model)
@@ -160,6 +189,7 @@ def build_engine(
         model_sha256=sha256_file(out / "model.safetensors"),
         world_size=world_size,
         versions=versions,
+        cpu_isa=cpu.compiled_isa() if backend == "aoti" and device == "cpu" else [],
     )
     graphs = {}
     if backend != "eager":
@@ -258,7 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="eager", choices=list(BACKENDS),
                    help="eager (reference), aoti (AOTInductor, CPU or CUDA), tensorrt (torch-tensorrt, CUDA)")
     p.add_argument("--device", default="cpu", choices=list(DEVICES))
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 where the CPU multiplies it natively (AMX, AVX-512-BF16) or on CUDA, else float32")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--max-gamma", type=int, default=6, help="the engine serves every gamma in [0, max-gamma]")

@@ -70,6 +70,7 @@ def graph_key(manifest: Manifest, name: str) -> str:
         "backend": manifest.backend,
         "device": manifest.device,
         "world_size": manifest.world_size,
+        "cpu_isa": manifest.cpu_isa,
         "versions": {k: v for k, v in manifest.versions.items() if k != "transformers"},
         "options": AOTI_OPTIONS if manifest.backend == "aoti" else {},
         "magicdec_rt": magicdec_rt.__version__,

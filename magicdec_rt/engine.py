@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention
+from . import attention, cpu
 from .checkpoint import load_model_dir
 from .errors import EngineError
 from .model import DecodeStep, ModelConfig, PrefillStep
@@ -55,6 +55,7 @@ class Manifest:
     world_size: int = 1
     device: str = "cpu"
     graphs: dict = field(default_factory=dict)  # step name -> {"file", "key", "bytes", "rel_err"}
+    cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -110,6 +111,7 @@ class Manifest:
             "vocab_size": self.model.vocab_size,
             "eos_token_ids": self.eos_token_ids,
             "versions": self.versions,
+            "cpu_isa": self.cpu_isa,
             "graphs": self.graphs,
         }
 
@@ -142,6 +144,7 @@ class Manifest:
                 world_size=int(d["world_size"]),
                 device=d["device"],
                 graphs=dict(d.get("graphs", {})),
+                cpu_isa=[str(x) for x in d.get("cpu_isa", [])],
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -210,6 +213,12 @@ def check_environment(directory: Path, m: Manifest) -> None:
         raise EngineError(
             f"{where} was compiled with torch {built} and this is torch {torch.__version__}: compiled graphs "
             f"only load in the torch that built them; install torch=={built} or rebuild the engine"
+        )
+    lacking = cpu.missing(m.cpu_isa) if m.backend == "aoti" and m.device == "cpu" else []
+    if lacking:
+        raise EngineError(
+            f"{where} was compiled for CPUs with {', '.join(m.cpu_isa)}; this CPU ({cpu.model_name()}) lacks "
+            f"{', '.join(lacking)}, so its graphs would stop on an illegal instruction: rebuild the engine here"
         )
     if m.device == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"{where} was built for CUDA and this machine has no CUDA device; build one with --device cpu")

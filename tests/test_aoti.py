@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from builders.build import build_engine
-from magicdec_rt import EngineError, Runtime, cli
+from magicdec_rt import EngineError, Runtime, cli, cpu
 from magicdec_rt.engine import read_manifest
 
 from .conftest import TINY_AOTI, copy_engine, edit_manifest
@@ -39,6 +39,8 @@ def test_manifest_records_every_graph(tiny_aoti_engine):
         assert (tiny_aoti_engine / g["file"]).stat().st_size == g["bytes"]
         assert max(g["rel_err"].values()) <= 1e-4, name  # the float32 bound the build enforced
     assert m.versions["torch"] == torch.__version__ and len(m.model_sha256) == 64
+    # The instruction sets Inductor compiled for, all of which this CPU has.
+    assert m.cpu_isa == cpu.compiled_isa() and not cpu.missing(m.cpu_isa)
 
 
 @pytest.mark.parametrize("gamma", [0, 2])
@@ -101,8 +103,11 @@ def aoti_copy(tiny_aoti_engine, tmp_path):
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
         (lambda d: d.update(backend="tensorrt"), "backend 'tensorrt' needs torch-tensorrt, which is not installed"),
         (lambda d: d["graphs"].pop("draft"), "no compiled graph for step 'draft' (1 missing); rebuild the engine"),
+        (lambda d: d.update(cpu_isa=["amx_fp64"]),
+         f"was compiled for CPUs with amx_fp64; this CPU ({cpu.model_name()}) lacks amx_fp64, so its graphs "
+         "would stop on an illegal instruction: rebuild the engine here"),
     ],
-    ids=["torch-version", "no-cuda", "no-tensorrt", "graph-missing"],
+    ids=["torch-version", "no-cuda", "no-tensorrt", "graph-missing", "cpu-isa"],
 )
 def test_incompatible_compiled_engine(aoti_copy, edit, message):
     edit_manifest(aoti_copy, edit)

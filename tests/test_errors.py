@@ -176,3 +176,20 @@ def test_generate_cli_bad_engine_no_traceback(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist; build one with magicdec-build" in lines[0], proc.stderr
+
+
+def test_dtype_auto_follows_the_cpu_and_emulated_bf16_warns(tiny_hf, tmp_path, monkeypatch):
+    from builders.build import build_engine
+    from magicdec_rt import cpu
+    from magicdec_rt.engine import read_manifest
+
+    opts = dict(max_batch=1, max_seq_len=32, max_gamma=1, default_gamma=1, draft_sinks=1, draft_budget=4, prefill_chunk=8,
+                show_progress=False)
+    assert read_manifest(build_engine(tmp_path / "auto", tiny_hf, dtype="auto", **opts)).dtype == cpu.auto_dtype()
+    # A CPU without AMX / AVX-512-BF16 (this one's detection replaced): auto picks float32, and an
+    # explicit bfloat16 build says what emulation costs, measured here.
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    assert read_manifest(build_engine(tmp_path / "auto2", tiny_hf, dtype="auto", **opts)).dtype == "float32"
+    with pytest.warns(RuntimeWarning, match=r"has no AMX or AVX-512-BF16, so torch emulates bfloat16: a batch-16 "
+                                            r"576x1536 linear ran [0-9.]+x the float32 time here"):
+        build_engine(tmp_path / "bf16", tiny_hf, dtype="bfloat16", **opts)
