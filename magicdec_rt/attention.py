@@ -23,6 +23,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 HEAD_DIMS = (64, 128)
+ISAS = ("avx512bf16", "avx512", "avx2", "portable")
 
 
 def split_attention(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
@@ -93,7 +94,7 @@ def use_kernel(q: torch.Tensor) -> bool:
 
 
 def set_isa(isa: str = "") -> str:
-    """Force the kernel's instruction set (``avx512``, ``avx2``, ``portable``, ``auto``); returns the
-    one in use. For tests and benchmarks."""
+    """Force the kernel's instruction set (``avx512bf16``, ``avx512``, ``avx2``, ``portable``, or
+    ``auto``: the best this CPU has); returns the one in use. For tests and benchmarks."""
     kernel_available()
     return torch.ops.magicdec.set_isa(isa)

@@ -42,7 +42,8 @@ constexpr int MAX_NATURAL = 12; // most query rows for the keys-in-lanes path
 constexpr int MIN_SPLIT = 512;  // fewest slots worth a thread of their own
 
 struct Args {
-  const float* q;        // [B, kv, R, d], already multiplied by scale * log2(e)
+  const float* q;        // [B, kv, R, d]
+  float qscale;          // scale * log2(e): scores in base 2
   const void* kc;        // [B, kv, S, d]
   const void* vc;
   const int64_t* len;    // [B]
@@ -184,18 +185,53 @@ struct Kernel {
     if constexpr (G > 1) fold<G / 2>(x, n / 2);
   }
 
-  static INLINE float hmax(F x) { float r = x[0]; for (int i = 1; i < N; ++i) r = std::max(r, x[i]); return r; }
-  static INLINE float hsum(F x) { float r = x[0]; for (int i = 1; i < N; ++i) r += x[i]; return r; }
+  // Across lanes by an xor butterfly of shuffles (lane-by-lane access goes through memory).
+  template <int W = N / 2>
+  static INLINE F butterfly_max(F x) {
+    typename V::I mask;
+    for (int i = 0; i < N; ++i) mask[i] = i ^ W;
+    x = V::max(x, __builtin_shuffle(x, mask));
+    if constexpr (W > 1) return butterfly_max<W / 2>(x); else return x;
+  }
+  template <int W = N / 2>
+  static INLINE F butterfly_sum(F x) {
+    typename V::I mask;
+    for (int i = 0; i < N; ++i) mask[i] = i ^ W;
+    x += __builtin_shuffle(x, mask);
+    if constexpr (W > 1) return butterfly_sum<W / 2>(x); else return x;
+  }
+  static INLINE F iota() { F r; for (int i = 0; i < N; ++i) r[i] = float(i); return r; }
+
+  // One query row's scores against NV*N keys (NV vectors in s; keys from nk on are ignored) folded
+  // into its online softmax state (m, l); s becomes the weights. Returns the old state's correction.
+  template <int NV = KB / N>
+  static INLINE float row_softmax(F* s, int nk, float& m, float& l) {
+    const F ninf = V::splat(-INFINITY);
+    F mx = ninf;
+    for (int v = 0; v < NV; ++v) {
+      s[v] = iota() + float(v * N) < float(nk) ? s[v] : ninf;
+      mx = V::max(mx, s[v]);
+    }
+    const float m_new = std::max(m, butterfly_max(mx)[0]);  // finite: nk >= 1
+    const float corr = std::exp2(m - m_new);
+    F sum = F{};
+    for (int v = 0; v < NV; ++v) {
+      s[v] = s[v] == ninf ? F{} : V::exp2(s[v] - m_new);
+      sum += s[v];
+    }
+    m = m_new;
+    l = l * corr + butterfly_sum(sum)[0];
+    return corr;
+  }
 
   // Keys in lanes, for few query rows: each row's scores against KB keys are KB dot products over
-  // D (C FMAs each) folded together; then the softmax runs over full vectors of keys. Cheaper than
-  // rows in lanes when R * (C + 3) < D * ceil(R / N).
-  static INLINE void block_natural(const float* q, int R, const float* Kf, const float* Vf, int nk,
+  // D (C FMAs each) folded together; then the softmax runs over full vectors of keys.
+  static INLINE void block_natural(const float* q, float qscale, int R, const float* Kf, const float* Vf, int nk,
                                    float* m, float* l, float* acc) {
     alignas(64) float P[MAX_NATURAL * KB] = {}, cr[MAX_NATURAL + 4] = {};
     for (int i = 0; i < R; ++i) {
       F qv[C];
-      for (int c = 0; c < C; ++c) qv[c] = V::load(q + i * D + c * N);
+      for (int c = 0; c < C; ++c) qv[c] = V::load(q + i * D + c * N) * qscale;
       F s[KB / N];
       for (int j0 = 0; j0 < KB; j0 += N) {
         F x[N];
@@ -206,32 +242,17 @@ struct Kernel {
         fold<N / 2>(x, N);
         s[j0 / N] = x[0];
       }
-      float mx = -INFINITY;
-      for (int v = 0; v < KB / N; ++v) {
-        for (int j = 0; j < N; ++j)
-          if (v * N + j >= nk) s[v][j] = -INFINITY;
-        mx = std::max(mx, hmax(s[v]));
-      }
-      const float m_new = std::max(m[i], mx);
-      const float corr = std::exp2(m[i] - m_new);  // m_new is finite: nk >= 1
-      F sum = F{};
-      for (int v = 0; v < KB / N; ++v) {
-        F p = s[v] == V::splat(-INFINITY) ? F{} : V::exp2(s[v] - m_new);
-        sum += p;
-        V::store(P + i * KB + v * N, p);
-      }
-      m[i] = m_new;
-      l[i] = l[i] * corr + hsum(sum);
-      cr[i] = corr;
+      cr[i] = row_softmax(s, nk, m[i], l[i]);
+      for (int v = 0; v < KB / N; ++v) V::store(P + i * KB + v * N, s[v]);
     }
     pv(acc, R, P, KB, 1, cr, Vf, nk);
   }
 
   // Lane group g of a query block [R][D] transposed into Qt [D][N] (rows past R are zero).
-  static INLINE int transpose(const float* q, int64_t R, int64_t g, float* Qt) {
+  static INLINE int transpose(const float* q, float qscale, int64_t R, int64_t g, float* Qt) {
     int rows = int(std::min<int64_t>(N, R - g * N));
     for (int k = 0; k < D; ++k)
-      for (int i = 0; i < N; ++i) Qt[k * N + i] = i < rows ? q[(g * N + i) * D + k] : 0.0f;
+      for (int i = 0; i < N; ++i) Qt[k * N + i] = i < rows ? q[(g * N + i) * D + k] * qscale : 0.0f;
     return rows;
   }
 
@@ -255,7 +276,7 @@ struct Kernel {
       const float* q = a.q + bh * a.R * D;
       for (int64_t s = lo; s < hi; s += KB) {
         const int nk = widen(kc, vc, s, hi, Kf, Vf);
-        block_natural(q, int(a.R), Kf, Vf, nk, m, l, acc);
+        block_natural(q, a.qscale, int(a.R), Kf, Vf, nk, m, l, acc);
       }
       return;
     }
@@ -263,7 +284,7 @@ struct Kernel {
     for (int64_t g0 = 0; g0 < groups; g0 += (48 + N - 1) / N) {
       const int64_t ng = std::min<int64_t>((48 + N - 1) / N, groups - g0);
       int rows[(48 + N - 1) / N];
-      for (int64_t g = 0; g < ng; ++g) rows[g] = transpose(a.q + bh * a.R * D, a.R, g0 + g, Qt[g]);
+      for (int64_t g = 0; g < ng; ++g) rows[g] = transpose(a.q + bh * a.R * D, a.qscale, a.R, g0 + g, Qt[g]);
       for (int64_t s = lo; s < hi; s += KB) {
         const int nk = widen(kc, vc, s, hi, Kf, Vf);
         for (int64_t g = 0; g < ng; ++g) {
@@ -315,7 +336,7 @@ struct Kernel {
       const float* vn = a.vn + bh * a.T * D;
       alignas(64) float Qt[D * N], t[N];
       for (int64_t g = 0; g < groups; ++g) {
-        const int rows = transpose(a.q + bh * a.R * D, a.R, g, Qt);
+        const int rows = transpose(a.q + bh * a.R * D, a.qscale, a.R, g, Qt);
         for (int i = 0; i < N; ++i) t[i] = float((g * N + i) % a.T);
         for (int64_t s = 0; s < a.T; s += KB) {
           const int nk = int(std::min<int64_t>(KB, a.T - s));
@@ -356,6 +377,119 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#define MAGICDEC_AVX512BF16 1
+#include <immintrin.h>
+#define ISA_AVX512BF16 "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c"
+
+// bfloat16 caches on CPUs with AVX512-BF16 (for up to MAX_BF16_ROWS query rows): q.k and p.v as
+// dot products of bf16 pairs (vdpbf16ps: exact products, float32 sums) read straight from the
+// cache, so K is never widened and V only interleaved by key pairs. q is rounded to bf16 (exact
+// when the model runs in bf16) and the softmax weights are rounded to bf16 before p.v, as a bf16
+// GEMM would; the softmax itself stays float32. Scores are computed keys-in-lanes (as
+// Kernel::block_natural); accumulators hold their dims in the order unpack gives them, and
+// are put back in order at the end of the item.
+constexpr int MAX_BF16_ROWS = 48;
+
+template <int D>
+struct Bf16 {
+  using K = Kernel<16, D>;
+  using F = Vec<16>::F;
+  static constexpr int Z = D / 32;                       // zmm per bf16 key row
+  static constexpr int A = D / 16;                       // float32 accumulators per query row
+  static constexpr int RT = 16 / A > 4 ? 4 : 16 / A;     // query rows per P.V tile
+  static constexpr int BK = 32, NV = BK / 16;            // keys per block, score vectors per row
+
+  __attribute__((target(ISA_AVX512BF16))) static void item(const Args& a, int64_t w) {
+    const int64_t split = w % a.splits, bh = w / a.splits, b = bh / a.kv;
+    const int64_t lo = split * a.chunk, hi = std::min(lo + a.chunk, a.len[b]);
+    const int64_t Rp = a.rows_padded;
+    const int R = int(a.R);
+    float* m = a.m + w * Rp;
+    float* l = a.l + w * Rp;
+    float* acc = a.acc + w * Rp * D;
+    std::fill(m, m + Rp, -INFINITY);
+    std::fill(l, l + Rp, 0.0f);
+    std::fill(acc, acc + Rp * D, 0.0f);
+    if (lo >= hi) return;
+    const uint16_t* kc = static_cast<const uint16_t*>(a.kc) + bh * a.S * D;
+    const uint16_t* vc = static_cast<const uint16_t*>(a.vc) + bh * a.S * D;
+    const float* q = a.q + bh * a.R * D;
+    __m512bh qb[MAX_BF16_ROWS][Z];
+    for (int i = 0; i < R; ++i)
+      for (int z = 0; z < Z; ++z)
+        qb[i][z] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + i * D + 32 * z + 16), _mm512_loadu_ps(q + i * D + 32 * z));
+    alignas(64) uint32_t P[MAX_BF16_ROWS + 4][BK / 2] = {};  // a row's weights as bf16 key pairs
+    alignas(64) float cr[MAX_BF16_ROWS + 4] = {};
+    __m512i Vp[BK / 2][A];  // V of key pairs 2p, 2p+1 interleaved
+    F sv[MAX_BF16_ROWS][NV];
+    for (int64_t s = lo; s < hi; s += BK) {
+      const int nk = int(std::min<int64_t>(BK, hi - s));
+      for (int p = 0; p < BK / 2; ++p)
+        for (int z = 0; z < Z; ++z) {
+          const int j = 2 * p;
+          const __m512i v0 = j < nk ? _mm512_loadu_si512(vc + (s + j) * D + 32 * z) : _mm512_setzero_si512();
+          const __m512i v1 = j + 1 < nk ? _mm512_loadu_si512(vc + (s + j + 1) * D + 32 * z) : _mm512_setzero_si512();
+          Vp[p][2 * z] = _mm512_unpacklo_epi16(v0, v1);
+          Vp[p][2 * z + 1] = _mm512_unpackhi_epi16(v0, v1);
+        }
+      // Every row's scores first, then every row's softmax: the rows' dependency chains
+      // (dot products, fold, max, exp, sum) are independent and overlap.
+      for (int i = 0; i < R; ++i)
+        for (int v = 0; v < NV; ++v) {
+          F x[16];
+          for (int j = 0; j < 16; ++j) {
+            __m512 d = _mm512_setzero_ps();
+            if (16 * v + j < nk)
+              for (int z = 0; z < Z; ++z)
+                d = _mm512_dpbf16_ps(d, qb[i][z], (__m512bh)_mm512_loadu_si512(kc + (s + 16 * v + j) * D + 32 * z));
+            x[j] = (F)d;
+          }
+          K::template fold<8>(x, 16);
+          sv[i][v] = x[0] * a.qscale;
+        }
+      for (int i = 0; i < R; ++i) {
+        cr[i] = K::template row_softmax<NV>(sv[i], nk, m[i], l[i]);
+        for (int v = 0; v < NV; ++v)
+          _mm256_storeu_si256((__m256i*)(P[i] + 8 * v), (__m256i)_mm512_cvtneps_pbh((__m512)sv[i][v]));
+      }
+      const int pairs = (nk + 1) / 2;
+      for (int i0 = 0; i0 < R; i0 += RT) {
+        __m512 o[RT][A];
+        for (int r = 0; r < RT; ++r)
+          for (int c = 0; c < A; ++c) o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (i0 + r) * D + 16 * c), _mm512_set1_ps(cr[i0 + r]));
+        for (int p = 0; p < pairs; ++p) {
+          __m512bh w[RT];
+          for (int r = 0; r < RT; ++r) w[r] = (__m512bh)_mm512_set1_epi32(int(P[i0 + r][p]));
+          for (int c = 0; c < A; ++c)
+            for (int r = 0; r < RT; ++r) o[r][c] = _mm512_dpbf16_ps(o[r][c], w[r], (__m512bh)Vp[p][c]);
+        }
+        for (int r = 0; r < RT; ++r)
+          for (int c = 0; c < A; ++c) _mm512_storeu_ps(acc + (i0 + r) * D + 16 * c, o[r][c]);
+      }
+    }
+    // Accumulator 2z+h, lane 4L+e holds dim 32z + 8L + 4h + e (unpack works within 128-bit lanes).
+    for (int i = 0; i < R; ++i) {
+      float t[D];
+      for (int z = 0; z < Z; ++z)
+        for (int h = 0; h < 2; ++h)
+          for (int L = 0; L < 4; ++L)
+            for (int e = 0; e < 4; ++e) t[32 * z + 8 * L + 4 * h + e] = acc[i * D + (2 * z + h) * 16 + 4 * L + e];
+      std::memcpy(acc + i * D, t, sizeof t);
+    }
+  }
+};
+
+__attribute__((target(ISA_AVX512BF16))) void items_avx512bf16(const Args& a, int64_t begin, int64_t end) {
+  for (int64_t w = begin; w < end; ++w) {
+    if (a.dtype != 1 || a.R > MAX_BF16_ROWS) run_items<16>(a, w, w + 1);
+    else if (a.d == 64) Bf16<64>::item(a, w);
+    else Bf16<128>::item(a, w);
+  }
+}
+__attribute__((target(ISA_AVX512BF16))) void merge_avx512bf16(const Args& a, int64_t b, int64_t e) { run_merge<16>(a, b, e); }
+#endif
+
 #define ISA_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
 #define ISA_AVX2 "avx2,fma,f16c"
 __attribute__((target(ISA_AVX512))) void items_avx512(const Args& a, int64_t b, int64_t e) { run_items<16>(a, b, e); }
@@ -372,22 +506,30 @@ struct Isa {
   void (*merge)(const Args&, int64_t, int64_t);
 };
 const Isa ISAS[] = {
+#ifdef MAGICDEC_AVX512BF16
+    {"avx512bf16", 16, items_avx512bf16, merge_avx512bf16},
+#endif
     {"avx512", 16, items_avx512, merge_avx512},
     {"avx2", 8, items_avx2, merge_avx2},
     {"portable", 4, items_portable, merge_portable},
 };
 
+constexpr int NUM_ISAS = sizeof(ISAS) / sizeof(ISAS[0]);
+
 bool supported(int i) {
+  const std::string name = ISAS[i].name;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (i == 0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-  if (i == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return true;
-#else
-  return i == 2;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#ifdef MAGICDEC_AVX512BF16
+  if (name == "avx512bf16") return avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
+  if (name == "avx512") return avx512;
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return name == "portable";
 }
 
 std::atomic<int> forced{-1};
@@ -395,7 +537,11 @@ std::atomic<int> forced{-1};
 int active_isa() {
   const int f = forced.load();
   if (f >= 0) return f;
-  static const int best = supported(0) ? 0 : supported(1) ? 1 : 2;
+  static const int best = [] {
+    int i = 0;
+    while (!supported(i)) ++i;  // the portable path, last, is always supported
+    return i;
+  }();
   return best;
 }
 
@@ -405,8 +551,10 @@ std::string set_isa(std::string isa) {
     forced = -1;
   } else if (!isa.empty()) {
     int i = 0;
-    while (i < 3 && isa != ISAS[i].name) ++i;
-    TORCH_CHECK(i < 3, "unknown kernel ISA '", isa, "'; choose auto, avx512, avx2 or portable");
+    while (i < NUM_ISAS && isa != ISAS[i].name) ++i;
+    std::string names;
+    for (const Isa& x : ISAS) names += std::string(", ") + x.name;
+    TORCH_CHECK(i < NUM_ISAS, "unknown kernel ISA '", isa, "'; choose auto", names);
     TORCH_CHECK(supported(i), "this CPU cannot run the ", isa, " kernel");
     forced = i;
   }
@@ -448,7 +596,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
     longest = std::max(longest, visible[b]);
   }
   const Isa& isa = ISAS[active_isa()];
-  const at::Tensor qf = (q.to(at::kFloat) * float(scale * M_LOG2E)).contiguous();
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
   const at::Tensor kc = k_cache.contiguous(), vc = v_cache.contiguous();
   at::Tensor knf, vnf;
   if (k_new) {
@@ -464,7 +612,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   at::Tensor out = at::empty({B, kv, R, d}, q.options().dtype(at::kFloat));
   float* sp = state.data_ptr<float>();
   const int64_t n = B * kv * splits * Rp;
-  Args a{qf.data_ptr<float>(), kc.data_ptr(), vc.data_ptr(), visible.data(),
+  Args a{qf.data_ptr<float>(), float(scale * M_LOG2E), kc.data_ptr(), vc.data_ptr(), visible.data(),
          k_new ? knf.data_ptr<float>() : nullptr, k_new ? vnf.data_ptr<float>() : nullptr,
          sp, sp + n, sp + 2 * n, out.data_ptr<float>(),
          B, kv, R, S, k_new ? knf.size(2) : 1, d, splits, chunk, Rp,
