@@ -31,8 +31,6 @@ from magicdec_rt.checkpoint import build_model, embedded_model_path, load_source
 from magicdec_rt.model import DecodeStep, PrefillStep
 
 PREFILL_CHUNK = 256
-# Kernel paths, best first; one this CPU (or this build of the kernel) lacks is skipped.
-ISAS = ("avx512bf16", "avx512", "avx2", "portable")
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -102,7 +100,7 @@ def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
             q = torch.randn(batch, kv, G * T, d, dtype=dt)
             k_new, v_new = torch.randn(batch, kv, T, d, dtype=dt), torch.randn(batch, kv, T, d, dtype=dt)
             stock = time_ms(lambda: flash(q, k_cache, v_cache, scale=d**-0.5), args.repeats)
-            for isa in ISAS:
+            for isa in attention.ISAS:  # those this CPU lacks are skipped
                 try:
                     attention.set_isa(isa)
                 except RuntimeError:  # not supported here

@@ -24,7 +24,7 @@ from torch import nn
 from . import attention
 from .parallel import Shard
 
-# Blocks of at least this many tokens use the fused SDPA kernel (see Attention).
+# Off the CPU, blocks of at least this many tokens use the fused SDPA kernel (see Attention).
 SDPA_MIN_BLOCK = 16
 
 
@@ -102,14 +102,16 @@ class Attention(nn.Module):
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         # Three attention paths, one math (tests/test_steps.py and tests/test_attention.py hold them
-        # to the same reference): long blocks (prefill) are compute-bound, short ones (decode,
-        # draft, verify) bound by reading the cache.
-        if T >= SDPA_MIN_BLOCK:
-            o = self._attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
-        elif attention.use_kernel(q):
+        # to the same reference). On the CPU every step uses the kernel: it never reads slots past
+        # a row's length, so a prefill chunk also skips the empty part of its bucket (2.3x the fused
+        # SDPA kernel on 256-token chunks of a 4k prompt, measured). Elsewhere long blocks
+        # (prefill) use fused SDPA and short ones (decode, draft, verify) batched GEMMs.
+        if attention.use_kernel(q):
             o = torch.ops.magicdec.attention(
                 q.reshape(B, kv, group * T, d), cache_k, cache_v, lengths, k.contiguous(), v.contiguous(), d**-0.5
             ).view(B, kv, group, T, d)
+        elif T >= SDPA_MIN_BLOCK:
+            o = self._attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
         else:
             o = attention.split_attention(
                 q.reshape(B, kv, group * T, d), k, v, cache_k, cache_v, cache_bias, causal_bias

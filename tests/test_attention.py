@@ -126,9 +126,8 @@ def test_steps_call_the_kernel_and_export_it(tiny_engine):
 
     m = read_manifest(tiny_engine)
     model = load_model_dir(tiny_engine, torch.float32)
-    for name in ("draft", "verify2@64"):
+    for name in ("draft", "verify2@64", "prefill@64"):
         ep = export_step(model, m, name)
         ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
         assert ops.count(torch.ops.magicdec.attention.default) == m.model.num_layers
-    prefill = export_step(model, m, "prefill@64")  # long blocks stay on SDPA
-    assert torch.ops.magicdec.attention.default not in [n.target for n in prefill.graph.nodes]
+        assert torch.ops.aten.scaled_dot_product_attention.default not in ops
