@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import magicdec_rt
 from magicdec_rt import cpu
 from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
-from magicdec_rt.cli import OneLineErrors, run_cli
+from magicdec_rt.cli import OneLineErrors, ShowDefaults, run_cli
 from magicdec_rt.engine import BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets, read_manifest
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
@@ -282,24 +282,24 @@ def _build_graphs(out: Path, manifest: Manifest, bound: float, jobs: int, show_p
 
 
 def main(argv=None) -> int:
-    p = OneLineErrors(prog="magicdec-build", description=__doc__)
+    p = OneLineErrors(prog="magicdec-build", description=__doc__, formatter_class=ShowDefaults)
     p.add_argument("--model", help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help=f"engine directory (default: engines/NAME, NAME {EMBEDDED_NAME} for the embedded model)")
     p.add_argument("--backend", default="eager", choices=list(BACKENDS),
                    help="eager (reference), aoti (AOTInductor, CPU or CUDA), tensorrt (torch-tensorrt, CUDA)")
-    p.add_argument("--device", default="cpu", choices=list(DEVICES))
+    p.add_argument("--device", default="cpu", choices=list(DEVICES), help="where the engine runs")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 where the CPU multiplies it natively (AMX, AVX-512-BF16) or on CUDA, else float32")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (the static batch)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--max-gamma", type=int, default=6, help="the engine serves every gamma in [0, max-gamma]")
     p.add_argument("--gammas", type=int, nargs="+", help="the gammas to build instead (0 is always added)")
     p.add_argument("--buckets", type=int, nargs="+",
                    help="context buckets (max-seq-len is always added; default powers of two from 512)")
     p.add_argument("--gamma", type=int, default=3, help="default gamma for requests that name none")
-    p.add_argument("--draft-sinks", type=int, default=16)
+    p.add_argument("--draft-sinks", type=int, default=16, help="draft cache slots kept for the first tokens")
     p.add_argument("--draft-budget", type=int, default=256, help="draft cache slots: sinks + recent window")
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
     p.add_argument("--max-rel-err", type=float, default=None,

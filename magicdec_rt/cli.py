@@ -22,6 +22,16 @@ class OneLineErrors(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default, except where the help already explains it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def run_cli(prog: str, fn) -> int:
     try:
         return fn()
@@ -44,17 +54,38 @@ def gamma_arg(text: str):
         raise argparse.ArgumentTypeError(f"invalid gamma {text!r}: an integer or 'auto'") from None
 
 
+def read_prompts_file(name: str) -> list:
+    """One prompt per line, or (a file starting with ``[`` or ``{``) JSON: a list of prompts or one."""
+    path = Path(name)
+    if path.is_dir():
+        raise MagicDecError(f"prompts file {name!r} is a directory")
+    if not path.is_file():
+        raise MagicDecError(f"prompts file {name!r} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MagicDecError(f"prompts file {name!r} cannot be read as text ({e})") from None
+    if not text.lstrip().startswith(("[", "{")):
+        return [line for line in text.splitlines() if line.strip()]
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MagicDecError(f"prompts file {name!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    return loaded if isinstance(loaded, list) else [loaded]
+
+
 def main(argv=None) -> int:
-    p = OneLineErrors(prog="magicdec-generate", description="Generate text with MagicDec speculative decoding.")
+    p = OneLineErrors(prog="magicdec-generate", description="Generate text with MagicDec speculative decoding.",
+                      formatter_class=ShowDefaults)
     p.add_argument("--engine", required=True, help="engine directory written by magicdec-build")
     p.add_argument("prompts", nargs="*", help="prompts (one generation each)")
     p.add_argument("--prompts-file", help="a file with one prompt per line, or a JSON list of prompts")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt, at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="prompt i is sampled with seed + i (default: random)")
     p.add_argument("--gamma", type=gamma_arg, default=None,
                    help="draft length; 0 = autoregressive; auto = the planner chooses each round "
                         "(default: auto on a calibrated engine, else the engine's default)")
@@ -65,15 +96,7 @@ def main(argv=None) -> int:
     def run():
         prompts = list(args.prompts)
         if args.prompts_file:
-            path = Path(args.prompts_file)
-            if not path.is_file():
-                raise MagicDecError(f"prompts file {args.prompts_file!r} does not exist")
-            text = path.read_text()
-            try:
-                loaded = json.loads(text)
-                prompts += loaded if isinstance(loaded, list) else [loaded]
-            except json.JSONDecodeError:
-                prompts += [line for line in text.splitlines() if line.strip()]
+            prompts += read_prompts_file(args.prompts_file)
         if not prompts:
             raise MagicDecError("no prompts: give them as arguments or with --prompts-file")
         if args.chat:
@@ -115,7 +138,8 @@ def main(argv=None) -> int:
 
 def calibrate_main(argv=None) -> int:
     p = OneLineErrors(prog="magicdec-calibrate",
-                      description="Time an engine's steps on this machine for the gamma planner (writes ENGINE/calibration.json).")
+                      description="Time an engine's steps on this machine for the gamma planner (writes ENGINE/calibration.json).",
+                      formatter_class=ShowDefaults)
     p.add_argument("--engine", required=True, help="engine directory written by magicdec-build")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per step (median)")
     args = p.parse_args(argv)

@@ -143,7 +143,7 @@ class Runtime:
                 raise RequestError(f"prompt {i}: token id {bad[0]} is out of range [0, {vocab})")
         else:
             raise RequestError(
-                f"prompt {i} is a {type(prompt).__name__}; a prompt is a string, a list of token ids, "
+                f"prompt {i} is {_a(type(prompt).__name__)}; a prompt is a string, a list of token ids, "
                 "or a list of chat messages ({'role': ..., 'content': ...})"
             )
         if not ids:
@@ -496,12 +496,16 @@ def _final_text_end(r: _Row) -> int:
     return max(end, r.sent_text)
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def _acceptance(rounds: int, drafted: int, accepted: int, hits: list[int], reached: list[int]) -> dict:
     """Speculation statistics over ``rounds`` verifies. ``hits[i]``: rounds whose first ``i + 1``
     drafts were all accepted, of the ``reached[i]`` that drafted that many; with a fixed gamma
     ``per_position_acceptance`` is unconditional and non-increasing."""
     return {
-        "drafts": rounds,
+        "verify_rounds": rounds,  # decode steps of the target (with or without drafts)
         "draft_tokens": drafted,
         "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else None,

@@ -58,7 +58,7 @@ def test_greedy_magicdec_equals_autoregressive_equals_transformers(smol_runtime,
     ar = rt.generate(prompts, max_new_tokens=NEW_TOKENS, gamma=0)
     # The draft sees 256 of 1000+ tokens, so it is really sparse: not every draft is accepted.
     assert 0.3 < spec_stats["acceptance_rate"] < 1.0, spec_stats
-    assert spec_stats["drafts"] < ar_rounds(ar)
+    assert spec_stats["verify_rounds"] < ar_rounds(ar)
     for i, p in enumerate(prompts):
         with torch.no_grad():
             ref = hf_model.generate(
@@ -85,7 +85,7 @@ def test_generate_cli_json_with_chat_prompt(smol_engine):
     out = json.loads(proc.stdout)
     (res,) = out["results"]
     assert "Paris" in res["text"]
-    for key in ("drafts", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length",
+    for key in ("verify_rounds", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length",
                 "per_position_acceptance", "prefill_s", "draft_s", "verify_s", "rest_s", "decode_tokens_per_s"):
         assert key in out["stats"], key
     assert out["stats"]["gamma"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -165,6 +166,44 @@ def test_generate_cli_errors_are_one_line_exit_2(tiny_engine, args, message, cap
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and err.startswith("magicdec-generate: error: ") and message in err, err
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('[{"role": "user"', "is not valid JSON: Expecting ',' delimiter at line 1, column 17"),
+        ('[\n  "w1",\n  "w2" "w3"\n]', "is not valid JSON: Expecting ',' delimiter at line 3, column 8"),
+        ("[2024]", "prompt 0 is an int; a prompt is a string"),
+        (None, "is a directory"),
+    ],
+    ids=["truncated-json", "json-line-3", "an-int", "directory"],
+)
+def test_prompts_file_errors(tiny_engine, tmp_path, content, message, capsys):
+    path = tmp_path / "prompts"
+    path.mkdir() if content is None else path.write_text(content)
+    code = cli.main(["--engine", str(tiny_engine), "--prompts-file", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and message in err, err
+
+
+def test_plain_text_prompts_file_is_one_prompt_per_line(tiny_engine, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("w1 w2\n\n2024\n")
+    assert cli.main(["--engine", str(tiny_engine), "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens", "2",
+                     "--json"]) == 0
+    # Two prompts (the blank line is skipped): "w1 w2" and the text "2024" (one unknown word).
+    assert [r["prompt_tokens"] for r in json.loads(capsys.readouterr().out)["results"]] == [2, 1]
+
+
+@pytest.mark.parametrize("main,defaults", [
+    (cli.main, ["(default: 128)", "(default: 0.0)", "(default: 1.0)", "(default: 0)", "(default: random)",
+                "(default: auto on a calibrated engine"]),
+    (build.main, ["(default: auto)", "(default: 8)", "(default: 256)", "(default: 16)"]),
+])
+def test_help_shows_defaults(main, defaults, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and all(d in out for d in defaults), out
 
 
 def test_generate_cli_bad_engine_no_traceback(tmp_path):

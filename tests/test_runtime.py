@@ -44,19 +44,19 @@ def test_stats_are_consistent(tiny_runtime):
     out = tiny_runtime.generate(MIXED, max_new_tokens=30, gamma=3)
     s = tiny_runtime.last_stats
     assert s["new_tokens"] == sum(len(r.token_ids) for r in out) == 5 * 30
-    assert s["draft_tokens"] == 3 * s["drafts"]
-    assert s["mean_accepted_length"] == pytest.approx(1 + s["accepted_tokens"] / s["drafts"])
+    assert s["draft_tokens"] == 3 * s["verify_rounds"]
+    assert s["mean_accepted_length"] == pytest.approx(1 + s["accepted_tokens"] / s["verify_rounds"])
     assert s["acceptance_rate"] == pytest.approx(s["accepted_tokens"] / s["draft_tokens"])
     ppa = s["per_position_acceptance"]
     assert len(ppa) == 3 and ppa == sorted(ppa, reverse=True)
-    assert sum(ppa) == pytest.approx(s["accepted_tokens"] / s["drafts"])
+    assert sum(ppa) == pytest.approx(s["accepted_tokens"] / s["verify_rounds"])
     # Every decoded token is an accepted draft or the one extra token of a verify; a row's last
     # round may verify up to gamma tokens beyond max_new_tokens, which are counted but cut.
     decoded = s["new_tokens"] - 5
-    assert decoded <= s["accepted_tokens"] + s["drafts"] <= decoded + 5 * 3
+    assert decoded <= s["accepted_tokens"] + s["verify_rounds"] <= decoded + 5 * 3
     assert s["draft_s"] > 0 and s["verify_s"] > 0 and s["decode_s"] >= s["draft_s"] + s["verify_s"]
     for r in out:
-        assert r.stats["draft_tokens"] == 3 * r.stats["drafts"]
+        assert r.stats["draft_tokens"] == 3 * r.stats["verify_rounds"]
 
 
 def test_stream_yields_what_generate_returns(tiny_runtime):
