@@ -2,9 +2,11 @@
 
     python bench/roofline.py                                   # points 8x4096 16x7680, gamma 1-6
     python bench/roofline.py --points 2x512 --gammas 1 3 --repeats 1 --out /tmp/roofline/roofline.json
+    python bench/roofline.py --engine engines/aoti-b16-7680 --out bench/results/roofline/aoti-b16-7680.json
 
 Measures, in the same run, this machine's read bandwidth and float32 / bfloat16 matmul peaks, then
-times the eager steps of the model (``magicdec_rt.model``, no engine) on random caches for every
+times the eager steps of the model (``magicdec_rt.model``, no engine), or with ``--engine`` that
+engine's steps (compiled graphs for ``aoti``) at its batch and largest bucket, on random caches for every
 batch x context point: the AR step (T=1 over the context), the draft step (T=1 over the draft
 cache's slots), the verify steps (T=gamma+1 over the context) and a prefill chunk (one row, 256
 tokens). Each step's floor is max(bytes / bandwidth, FLOPs / matmul peak of the dtype)
@@ -30,7 +32,6 @@ from magicdec_rt import attention, cpu
 from magicdec_rt.checkpoint import build_model, embedded_model_path, load_source
 from magicdec_rt.model import DecodeStep, PrefillStep
 
-PREFILL_CHUNK = 256
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -56,22 +57,33 @@ def step_inputs(model, batch: int, tokens: int, context: int, length: int):
     return ids, positions, torch.full((batch,), length, dtype=torch.long)
 
 
-def steps(model, cost, args, batch: int, context: int, bw: float, peak: float) -> list[dict]:
-    decode, prefill, dt = DecodeStep(model), PrefillStep(model), args.torch_dtype
+def step_caller(model, engine):
+    """``call(name, *inputs)``: the model's eager modules, or an engine's steps (its compiled graphs)."""
+    if engine is not None:
+        return engine
+    modules = {"prefill": PrefillStep(model), "decode": DecodeStep(model)}
+    return lambda name, *inputs: modules["prefill" if name.startswith("prefill") else "decode"](*inputs)
+
+
+def steps(call, model, cost, args, batch: int, context: int, bw: float, peak: float) -> list[dict]:
+    dt = args.torch_dtype
     ck, cv = random_caches(model, batch, context, dt), random_caches(model, batch, context, dt)
     dk, dv = random_caches(model, batch, args.draft_slots, dt), random_caches(model, batch, args.draft_slots, dt)
-    # (name, T, rows, slots attended, call). The draft attends to every slot of its own cache,
-    # at positions after the context (keys keep their original positions).
+    # (label, step name, T, slots attended, caches). The draft attends to every slot of its own
+    # cache, at positions after the context (keys keep their original positions).
     runs = []
-    for name, T, slots, k, v in [("AR", 1, context, ck, cv), ("draft", 1, args.draft_slots, dk, dv),
-                                 *((f"verify γ={g}", g + 1, context, ck, cv) for g in args.gammas)]:
+    for label, name, T, slots, k, v in [("AR", f"verify0@{context}", 1, context, ck, cv),
+                                        ("draft", "draft", 1, args.draft_slots, dk, dv),
+                                        *((f"verify γ={g}", f"verify{g}@{context}", g + 1, context, ck, cv)
+                                          for g in args.gammas)]:
         ids, pos, lengths = step_inputs(model, batch, T, context, slots)
-        runs.append((name, T, batch, slots, functools.partial(decode, ids, pos, k, v, lengths)))
+        runs.append((label, T, batch, slots, functools.partial(call, name, ids, pos, k, v, lengths)))
     # Row 0 of each layer's cache is a contiguous [1, kv, S, d] view: no copy of the cache.
     pk, pv = [c[:1] for c in ck], [c[:1] for c in cv]
-    ids, pos, lengths = step_inputs(model, 1, PREFILL_CHUNK, context, context)
-    last = torch.tensor([PREFILL_CHUNK - 1])
-    runs.append(("prefill", PREFILL_CHUNK, 1, context, functools.partial(prefill, ids, pos, pk, pv, lengths, last)))
+    ids, pos, lengths = step_inputs(model, 1, args.prefill_chunk, context, context)
+    last = torch.tensor([args.prefill_chunk - 1])
+    runs.append(("prefill", args.prefill_chunk, 1, context,
+                 functools.partial(call, f"prefill@{context}", ids, pos, pk, pv, lengths, last)))
     rows = []
     for name, T, n, slots, fn in runs:
         ms = time_ms(fn, args.repeats)
@@ -118,7 +130,7 @@ def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [f"`{r['command']}`", "",
-             f"{m['cpu']} ({', '.join(m['isa'])}), torch {m['torch']}, {m['threads']} threads, {r['dtype']}, "
+             f"{m['cpu']} ({', '.join(m['isa'])}), torch {m['torch']}, {m['threads']} threads, {r['backend']}, {r['dtype']}, "
              f"kernel ISA {m['kernel_isa']}. Read bandwidth {m['read_bandwidth_GB_s']:.1f} GB/s; matmul "
              f"{m['matmul_GFLOP_s']['float32']:.0f} GFLOP/s float32, {m['matmul_GFLOP_s']['bfloat16']:.0f} bfloat16.", "",
              "| B x context | step | T | slots | MB read | GFLOP | bound | roofline ms | measured ms | measured / roofline "
@@ -139,6 +151,8 @@ def markdown(r: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF directory or .gguf (default: the embedded SmolLM2-135M)")
+    p.add_argument("--engine", type=Path, help="time this engine's steps (e.g. compiled graphs) instead of eager "
+                   "modules; its batch, context bucket, dtype, gammas and draft cache set the point")
     p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"])
     p.add_argument("--points", nargs="+", default=["8x4096", "16x7680"], help="BATCHxCONTEXT")
     p.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
@@ -147,6 +161,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "roofline" / "roofline.json")
     args = p.parse_args()
+    engine = None
+    args.prefill_chunk = 256
+    if args.engine:
+        from magicdec_rt.engine import load_steps, read_manifest
+
+        m = read_manifest(args.engine)
+        engine = load_steps(args.engine, m)
+        args.model, args.dtype, args.points = args.engine, m.dtype, [f"{m.max_batch}x{m.max_seq_len}"]
+        args.gammas = [g for g in m.gammas if g > 0]
+        args.draft_slots, args.prefill_chunk = m.draft_slots, m.prefill_chunk
     args.torch_dtype = getattr(torch, args.dtype)
     points = [tuple(map(int, s.split("x"))) for s in args.points]
     if not attention.kernel_available():
@@ -154,10 +178,15 @@ def main() -> None:
 
     bw = measure_bandwidth()
     peaks = {name: measure_matmul(getattr(torch, name)) for name in ("float32", "bfloat16")}
-    config, state, _, _ = load_source(args.model or embedded_model_path())
-    model = build_model(config, state, args.torch_dtype)
+    if engine is not None:
+        model = engine.model
+    else:
+        config, state, _, _ = load_source(args.model or embedded_model_path())
+        model = build_model(config, state, args.torch_dtype)
+    call = step_caller(model, engine)
     cost = StepCost(model.cfg, args.torch_dtype.itemsize)
     report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), dtype=args.dtype,
+                  backend=engine.backend if engine else "eager",
                   model=str(args.model or embedded_model_path()),
                   machine=dict(**cpu.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
                                kernel_isa=attention.set_isa(""), read_bandwidth_GB_s=bw / 1e9,
@@ -165,7 +194,7 @@ def main() -> None:
                   steps=[], attention=[])
     with torch.inference_mode():
         for B, S in points:
-            report["steps"] += steps(model, cost, args, B, S, bw, peaks[args.dtype])
+            report["steps"] += steps(call, model, cost, args, B, S, bw, peaks[args.dtype])
         for B, S in points:
             report["attention"] += attention_ops(args, B, S, bw)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from magicdec_rt import cpu
 from workload import DEFAULT_CORPUS, ROOT, StepCost, load_prompts, measure_bandwidth, measure_matmul
 
 QUICK = dict(batch=[1, 4], context=[1024, 2048], gamma=[1, 2, 3], budget=[256], temperature=[0.0, 0.7], new_tokens=32,
@@ -169,7 +170,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, nargs="+")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--repeats", type=int, help="runs of every mode, interleaved; the median is reported")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"],
+                   help="default: what --dtype auto picks on this CPU")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, help="results directory (default bench/results/sweep[-quick])")
@@ -230,6 +232,7 @@ def main() -> None:
         del runtimes, first
         SweepRuntime.saved = None
     report = {"command": " ".join(sys.argv), "config": cfg, "dtype": args.dtype, "backend": "eager",
+              "machine": cpu.describe(),
               "read_bandwidth_GB_s": bw / 1e9, "matmul_GFLOP_s": mm / 1e9, "wall_s": time.perf_counter() - t_start,
               "prefill": prefill, "hf_generate": hf, "points": points}
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
@@ -243,7 +246,9 @@ def _fmt(x, spec=".2f"):
 
 
 def markdown(r: dict) -> str:
-    lines = [f"`{r['command']}` ({r['dtype']}, {r['backend']}; {r['wall_s']:.0f} s). This machine: read bandwidth "
+    m = r.get("machine", {})
+    lines = [f"`{r['command']}` ({r['dtype']}, {r['backend']}; {r['wall_s']:.0f} s). This machine: "
+             f"{m.get('cpu', '?')} ({', '.join(m.get('isa', []))}), read bandwidth "
              f"{r['read_bandwidth_GB_s']:.1f} GB/s, matmul {r['matmul_GFLOP_s']:.0f} GFLOP/s.", "",
              "| batch | context | budget | temp | gamma | tok/s | speedup | predicted | planner online | batch speedup | "
              "acceptance | tokens/verify | ms AR step | ms draft / verify / rest per round | GB per verify | "
