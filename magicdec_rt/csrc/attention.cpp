@@ -71,6 +71,22 @@ VECTOR_TYPES(4)
 VECTOR_TYPES(8)
 VECTOR_TYPES(16)
 
+// Work item w = (b, h, split): cache slots [lo, hi) = [split*chunk, min((split+1)*chunk, lengths[b]))
+// and its softmax state (max, sum, unnormalised output per query row), set to "no key seen".
+struct Item {
+  int64_t bh, lo, hi;
+  float *m, *l, *acc;
+};
+
+INLINE Item start_item(const Args& a, int64_t w) {
+  const int64_t split = w % a.splits, bh = w / a.splits, Rp = a.rows_padded, lo = split * a.chunk;
+  Item it{bh, lo, std::min(lo + a.chunk, a.len[bh / a.kv]), a.m + w * Rp, a.l + w * Rp, a.acc + w * Rp * a.d};
+  std::fill(it.m, it.m + Rp, -INFINITY);
+  std::fill(it.l, it.l + Rp, 0.0f);
+  std::fill(it.acc, it.acc + Rp * a.d, 0.0f);
+  return it;
+}
+
 template <int N>
 struct Vec {
   using F = typename Types<N>::F;
@@ -256,18 +272,10 @@ struct Kernel {
     return rows;
   }
 
-  // Work item (b, h, split): cache slots [split*chunk, min((split+1)*chunk, lengths[b])).
   template <typename KT>
   static INLINE void item(const Args& a, int64_t w) {
-    const int64_t split = w % a.splits, bh = w / a.splits, b = bh / a.kv;
-    const int64_t lo = split * a.chunk, hi = std::min(lo + a.chunk, a.len[b]);
-    const int64_t Rp = a.rows_padded, groups = Rp / N;
-    float* m = a.m + w * Rp;
-    float* l = a.l + w * Rp;
-    float* acc = a.acc + w * Rp * D;
-    std::fill(m, m + Rp, -INFINITY);
-    std::fill(l, l + Rp, 0.0f);
-    std::fill(acc, acc + Rp * D, 0.0f);
+    const auto [bh, lo, hi, m, l, acc] = start_item(a, w);
+    const int64_t groups = a.rows_padded / N;
     if (lo >= hi) return;
     const KT* kc = static_cast<const KT*>(a.kc) + bh * a.S * D;
     const KT* vc = static_cast<const KT*>(a.vc) + bh * a.S * D;
@@ -436,16 +444,8 @@ struct Bf16 {
   }
 
   __attribute__((target(ISA_AVX512BF16))) static void item(const Args& a, int64_t w) {
-    const int64_t split = w % a.splits, bh = w / a.splits, b = bh / a.kv;
-    const int64_t lo = split * a.chunk, hi = std::min(lo + a.chunk, a.len[b]);
-    const int64_t Rp = a.rows_padded;
+    const auto [bh, lo, hi, m, l, acc] = start_item(a, w);
     const int R = int(a.R);
-    float* m = a.m + w * Rp;
-    float* l = a.l + w * Rp;
-    float* acc = a.acc + w * Rp * D;
-    std::fill(m, m + Rp, -INFINITY);
-    std::fill(l, l + Rp, 0.0f);
-    std::fill(acc, acc + Rp * D, 0.0f);
     if (lo >= hi) return;
     const uint16_t* kc = static_cast<const uint16_t*>(a.kc) + bh * a.S * D;
     const uint16_t* vc = static_cast<const uint16_t*>(a.vc) + bh * a.S * D;
