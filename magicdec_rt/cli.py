@@ -18,8 +18,15 @@ class OneLineErrors(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        error_line(f"{self.prog}: error: {message}")
         sys.exit(2)
+
+
+def error_line(text: str) -> None:
+    """One line on stderr in one write: under torchrun every rank reports the same error into one
+    pipe, and print's separate newline let two ranks' lines interleave."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,7 +43,7 @@ def run_cli(prog: str, fn) -> int:
     try:
         return fn()
     except MagicDecError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        error_line(f"{prog}: error: {e}")
         return 2
     finally:
         if "torch" in sys.modules:  # else no process group can exist
