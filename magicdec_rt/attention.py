@@ -16,6 +16,7 @@ falls back to ``reference`` with one warning.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 NAME = "magicdec_attention"
 HEAD_DIMS = (64, 128)
 ISAS = ("avx512bf16", "avx512", "avx2", "portable")
+DEFAULT_ISA = os.environ.get("MAGICDEC_KERNEL_ISA") or "auto"
 
 
 def split_attention(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
@@ -81,7 +83,6 @@ def kernel_available() -> bool:
             is_python_module=False,
             verbose=False,
         )
-        return True
     except Exception as e:  # no compiler, no ninja, a failed build: the reference path still works
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         warnings.warn(
@@ -91,6 +92,10 @@ def kernel_available() -> bool:
             stacklevel=2,
         )
         return False
+    # MAGICDEC_KERNEL_ISA runs another instruction-set path (e.g. a whole test suite on the avx2
+    # or portable path, as another CPU would); an unknown or unsupported one is an error.
+    torch.ops.magicdec.set_isa(DEFAULT_ISA)
+    return True
 
 
 def use_kernel(q: torch.Tensor) -> bool:
