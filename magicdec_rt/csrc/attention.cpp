@@ -11,16 +11,18 @@
 // Why a kernel: at decode shapes (head dim 64, 3-48 query rows per KV head, thousands of slots)
 // attention is bound by reading the cache, and stock kernels read it at a fraction of the machine's
 // bandwidth and slow down with every query row. Here each (row, KV head) reads its cache slots once
-// for all R query rows: blocks of KB keys are widened to float32 into L1-resident buffers, scores
-// are computed with the query rows in SIMD lanes (one FMA per key element serves N rows), the
-// softmax is kept online in float32 (exp2 with log2(e) folded into the query scale), and P·V
-// accumulates in registers. Slots at or past lengths[b] are never read. When B*kv is small the
-// slots are split across threads and the partial softmaxes merged by their maxima and sums
-// (flash-decoding). The block's own keys (causal) are one more masked block at the merge.
+// for all R query rows: blocks of KB keys are widened to float32 into L1-resident buffers; scores
+// are computed with the query rows in SIMD lanes (one FMA per key element serves N rows) or, for
+// few rows, with keys in lanes (dot products folded by a shuffle butterfly); the softmax is kept
+// online in float32 (exp2 with log2(e) folded into the query scale), and P·V accumulates in
+// registers. Slots at or past lengths[b] are never read. When B*kv is small the slots are split
+// across threads and the partial softmaxes merged by their maxima and sums (flash-decoding). The
+// block's own keys (causal) are one more masked block at the merge.
 //
-// Dispatch: one generic kernel written with GCC/Clang vector extensions, compiled three times
+// Dispatch: one generic kernel written with GCC vector extensions, compiled three times
 // (always_inline into functions with a target attribute): AVX-512 (16 lanes), AVX2+FMA (8 lanes)
-// and portable (4 lanes, the baseline ISA), chosen at run time from the CPU's features.
+// and portable (4 lanes, the baseline ISA); plus an AVX512-BF16 variant for bf16 caches and few
+// rows (struct Bf16). Chosen at run time from the CPU's features (set_isa overrides).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
