@@ -290,17 +290,25 @@ struct Kernel {
       }
       return;
     }
-    alignas(64) float Qt[(48 + N - 1) / N][D * N];  // up to 48 query rows held transposed
-    for (int64_t g0 = 0; g0 < groups; g0 += (48 + N - 1) / N) {
-      const int64_t ng = std::min<int64_t>((48 + N - 1) / N, groups - g0);
-      int rows[(48 + N - 1) / N];
-      for (int64_t g = 0; g < ng; ++g) rows[g] = transpose(a.q + bh * a.R * D, a.qscale, a.R, g0 + g, Qt[g]);
+    // Rows in lanes, N at a time; a short last group (e.g. 18 rows = 16 + 2) goes keys-in-lanes
+    // instead of costing a whole lane group.
+    const int64_t R = a.R, rem = R % N, lane_groups = rem && natural(rem) ? R / N : groups;
+    const float* q = a.q + bh * R * D;
+    constexpr int GC = (48 + N - 1) / N;  // up to 48 query rows held transposed at a time
+    alignas(64) float Qt[GC][D * N];
+    for (int64_t g0 = 0; g0 < lane_groups; g0 += GC) {
+      const int64_t ng = std::min<int64_t>(GC, lane_groups - g0), tail = lane_groups * N;
+      const bool with_tail = g0 + ng == lane_groups && tail < R;
+      int rows[GC];
+      for (int64_t g = 0; g < ng; ++g) rows[g] = transpose(q, a.qscale, R, g0 + g, Qt[g]);
       for (int64_t s = lo; s < hi; s += KB) {
         const int nk = widen(kc, vc, s, hi, Kf, Vf);
         for (int64_t g = 0; g < ng; ++g) {
           const int64_t o = (g0 + g) * N;
           block(Qt[g], rows[g], Kf, Vf, nk, nullptr, 0, m + o, l + o, acc + o * D);
         }
+        if (with_tail)
+          block_natural(q + tail * D, a.qscale, int(R - tail), Kf, Vf, nk, m + tail, l + tail, acc + tail * D);
       }
     }
   }
