@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import magicdec_rt
+from magicdec_rt import attention as attention_module
 from magicdec_rt import model as model_module
 from magicdec_rt.engine import Manifest, load_aoti_graph, step_module
 from magicdec_rt.errors import EngineError
@@ -59,7 +60,9 @@ def sha256_file(path: Path) -> str:
 
 
 def graph_key(manifest: Manifest, name: str) -> str:
-    model_source = Path(model_module.__file__).read_bytes()
+    # The step's code: the model and its attention paths (the CPU kernel itself is called by name
+    # at run time, so its changes need no rebuild).
+    model_source = Path(model_module.__file__).read_bytes() + Path(attention_module.__file__).read_bytes()
     parts = {
         "name": name,
         "shape": manifest.step_shape(name),
