@@ -10,7 +10,7 @@ sees ``0..t``); without block keys, a row with no valid slot returns zeros.
 The kernel is compiled once per machine on first use (``torch.utils.cpp_extension``, cached in
 torch's extension directory) and registered with ``TORCH_LIBRARY``, so ``torch.export`` records it
 as one op and AOTInductor graphs call it. Where it cannot be built (no C++ compiler) the model
-falls back to ``reference`` with one warning.
+falls back to ``split_attention`` with one warning.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def split_attention(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
     additive biases ``cache_bias [B, 1, 1, S]`` and ``causal_bias [T, T]``. The query group is folded
     into the rows so every matmul is a batched GEMM over ``[B*kv]``: the cache is read once per KV
     head, never expanded to the query heads nor concatenated with the new keys (that would copy it
-    every step). Scale and masks ride in the GEMMs (``baddbmm``). Used on CUDA, and as the kernel's
-    specification."""
+    every step). Scale and masks ride in the GEMMs (``baddbmm``). Used on CUDA, and on a CPU where
+    the kernel cannot be built."""
     B, kv, R, d = q.shape
     T, S = k.shape[2], cache_k.shape[2]
     q = (q * d**-0.5).reshape(B * kv, R, d)

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         per_round = spec["draft_s"] / spec["verify_steps"], spec["verify_s"] / spec["verify_steps"]
         ar_step = plain["verify_s"] / plain["verify_steps"]
         print(f"MagicDec / plain decoding: {speedup:.2f}x. A round here cost {1e3 * per_round[0]:.0f} ms of drafting "
-              f"and a {1e3 * per_round[1]:.0f} ms verify, for {1 + spec['accepted_tokens'] / spec['verify_rounds']:.2f} "
+              f"and a {1e3 * per_round[1]:.0f} ms verify, for {spec['mean_accepted_length']:.2f} "
               f"tokens per row, against {1e3 * ar_step:.0f} ms per token plainly.")
         predicted = spec["predicted_speedup"]
         if predicted is not None:
