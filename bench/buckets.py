@@ -28,7 +28,7 @@ def time_verify(rt, context: int, gamma: int, reps: int, slots: int | None = Non
     """Median ms of the verify step for rows at ``context`` committed tokens, at the bucket the
     runtime picks (or at ``slots``)."""
     m = rt.manifest
-    rt._fit(context + gamma + 1) if slots is None else rt.full.resize(slots)
+    rt.core.fit(context + gamma + 1) if slots is None else rt.full.resize(slots)
     name = f"verify{gamma}@{rt.full.slots}"
     B = m.max_batch
     lengths = torch.full((B,), context)

@@ -162,8 +162,16 @@ class Planner:
 
     def observe(self, gamma: int, accepted: list[int], greedy: bool, bucket: int, round_ms: float) -> None:
         """One round: what its live rows accepted and how long it took."""
+        self.learn(gamma, accepted, greedy)
+        self.timed(gamma, greedy, bucket, round_ms)
+
+    def learn(self, gamma: int, accepted: list[int], greedy: bool) -> None:
+        """What the rows of one sampling mode accepted in a round of ``gamma`` drafts."""
         if gamma and accepted:
             self.acceptance[mode(greedy)].observe(gamma, accepted)
+
+    def timed(self, gamma: int, greedy: bool, bucket: int, round_ms: float) -> None:
+        """How long a round planned for ``greedy`` (every row greedy) took."""
         ratio = round_ms / self.calibrated_ms(gamma, bucket, greedy)
         old = self.cost_scale.get(gamma, ratio)
         self.cost_scale[gamma] = old + self.cost_weight * (ratio - old)

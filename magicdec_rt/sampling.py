@@ -1,21 +1,31 @@
 """Token selection and speculative accept/reject, one module.
 
-Given draft tokens ``d_1..d_g`` proposed with draft distributions ``q_1..q_g`` and the target's
-distributions ``p_1..p_{g+1}`` from one verify pass, each row independently:
+Rows of one batch may sample differently (each request brings its own temperature, top-k, top-p
+and seed); ``RowRules`` groups the rows that share a rule so each group is one batched operation.
+Every row is one of three kinds:
 
-* Greedy (temperature 0): accept ``d_i`` while it equals ``argmax p_i``; the extra token is the
-  target's argmax at the first mismatch, or ``argmax p_{g+1}`` (the bonus) if all were accepted.
-  The output is then exactly the target's greedy sequence.
-* Sampling (temperature > 0, optional top-k / top-p applied identically to p and q): accept
-  ``d_i`` with probability ``min(1, p_i(d_i) / q_i(d_i))``. At the first rejection ``i``, draw the
-  extra token from ``normalise(max(0, p_i - q_i))``; if all ``g`` are accepted, draw the bonus
-  from ``p_{g+1}``. Every emitted token is then distributed exactly as the target's own sampling
+* **Greedy** (temperature 0): the token is ``argmax p``. Drafts are kept while they equal the
+  target's argmax; the extra token is the target's argmax at the first mismatch, or the bonus
+  ``argmax p_{g+1}`` if all were accepted. The output is exactly the target's greedy sequence.
+* **Seeded** (temperature > 0 and a seed): the token is a Gumbel-max sample ``argmax_i p_i / E_i``
+  with exponential noise ``E`` fixed by the seed and the token's position in the sequence
+  (``noise``). The draft proposes ``argmax_i q_i / E_i`` with the same noise, and verification keeps
+  drafts while they equal the target's token, as for greedy (greedy is this rule with no noise).
+  Every token is then exactly the one plain sampling with that seed gives, whatever gamma the
+  planner chooses and whichever requests share the batch: the draft decides only how many tokens
+  a round commits, never which (drafter-invariant speculative decoding, Daliri et al. 2024). The
+  price: V noise draws per sampled position, and acceptance ``P(argmax q/E = argmax p/E) >=
+  (1 - TV) / (1 + TV)`` against the rejection sampler's ``1 - TV`` (TV: total variation of p, q).
+* **Unseeded** (temperature > 0, no seed): the rejection sampler. Accept ``d_i`` with probability
+  ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection ``i`` draw the extra token from
+  ``normalise(max(0, p_i - q_i))``; if all ``g`` are accepted draw the bonus from ``p_{g+1}``
   (Leviathan et al. 2023; Chen et al. 2023). Setting ``q_{g+1} = 0`` makes the bonus the same
-  formula as the residual, so both cases are one gather.
+  formula as the residual, so both cases are one gather. Each emitted token follows the target's
+  own sampling distribution exactly, with the best acceptance any scheme can have, but the
+  realisation depends on where rounds start. Randomness is one uniform per decision from the
+  row's own generator; sampling from a distribution is an inverse-CDF lookup of that uniform.
 
-Randomness is one uniform number per decision, drawn by the caller from each row's own generator,
-so a request's output depends only on its seed, never on which other rows share its batch.
-Sampling from a distribution is an inverse-CDF lookup of that uniform.
+top-k and top-p are applied identically to p and q (``probabilities``).
 """
 
 from __future__ import annotations
@@ -63,37 +73,90 @@ def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def select(logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor | None):
-    """One token per row from ``logits [B, V]``; also returns the distribution (None if greedy)."""
-    if sp.greedy:
-        return logits.argmax(-1), None
-    probs = probabilities(logits, sp)
-    return sample(probs, u), probs
+def noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """The exponential noise ``E [V]`` (float64) of the token at ``position`` of a request seeded
+    with ``seed``: a function of those two numbers only."""
+    key = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % 2**64
+    u = torch.rand(vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(key))
+    # 1 - u is in (0, 1], so E >= 0; E = 0 (probability 2^-53 per token) would make p / E = 0 / 0.
+    return (-torch.log1p(-u)).clamp_min(1e-300)
 
 
-def accept(
-    draft_tokens: torch.Tensor,  # [B, g]
-    draft_probs: torch.Tensor | None,  # [B, g, V]; None when greedy
-    target_logits: torch.Tensor,  # [B, g+1, V]
-    sp: SamplingParams,
-    u_accept: torch.Tensor | None,  # [B, g]
-    u_extra: torch.Tensor | None,  # [B]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(accepted [B], extra [B])``: how many leading drafts each row keeps, and the token
-    that follows them (correction or bonus)."""
-    B, g = draft_tokens.shape
-    rows = torch.arange(B)
-    if sp.greedy:
-        best = target_logits.argmax(-1)  # [B, g+1]
-        ok = draft_tokens == best[:, :g]
-        accepted = ok.long().cumprod(-1).sum(-1)
-        return accepted, best[rows, accepted]
-    p = probabilities(target_logits, sp)  # [B, g+1, V]
-    p_d = p[:, :g].gather(-1, draft_tokens[..., None])[..., 0]
-    q_d = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]
+def gumbel_choice(probs: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``argmax p / E`` over the last dim: a sample of ``p`` (the exponential race) that every
+    distribution read with the same ``E`` couples to."""
+    return (probs.double() / e).argmax(-1)
+
+
+def accept_matching(drafts: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy and seeded rows: keep drafts ``[n, g]`` while they equal the target's tokens
+    ``choice [n, g+1]``; the extra token is the target's token after them."""
+    accepted = (drafts == choice[:, : drafts.shape[1]]).long().cumprod(-1).sum(-1)
+    return accepted, choice[torch.arange(len(choice)), accepted]
+
+
+def accept_rejection(drafts, draft_probs, target_probs, u_accept, u_extra) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unseeded rows: the rejection sampler over drafts ``[n, g]`` drawn from ``draft_probs
+    [n, g, V]``, against ``target_probs [n, g+1, V]``, with uniforms ``u_accept [n, g]`` and
+    ``u_extra [n]`` in (0, 1]."""
+    n, g = drafts.shape
+    rows = torch.arange(n)
+    p_d = target_probs[:, :g].gather(-1, drafts[..., None])[..., 0]
+    q_d = draft_probs.gather(-1, drafts[..., None])[..., 0]
     # u < p/q written without the division; q_d > 0 because d was drawn from q.
     ok = u_accept * q_d < p_d
     accepted = ok.long().cumprod(-1).sum(-1)
-    q_ext = torch.cat((draft_probs, torch.zeros_like(p[:, :1])), dim=1)
-    residual = (p[rows, accepted] - q_ext[rows, accepted]).clamp_min(0.0)
+    q_ext = torch.cat((draft_probs, torch.zeros_like(target_probs[:, :1])), dim=1)
+    residual = (target_probs[rows, accepted] - q_ext[rows, accepted]).clamp_min(0.0)
     return accepted, sample(residual, u_extra)
+
+
+class RowRules:
+    """How each row of a batch samples: ``rules[b] = (params, seeded)``, or None for a row that
+    holds no request (it is treated as greedy and its output ignored). Groups rows with one rule
+    so each group is one batched call; the per-row randomness is given by the caller:
+    ``noise [B, n, V]`` (rows that are seeded; positions of the round) and uniforms ``u [B, n]``
+    (unseeded rows)."""
+
+    def __init__(self, rules):
+        groups: dict = {}
+        for b, rule in enumerate(rules):
+            groups.setdefault(rule or (SamplingParams(), False), []).append(b)
+        self.groups = [(sp, seeded, torch.tensor(rows)) for (sp, seeded), rows in groups.items()]
+        self.greedy = all(sp.greedy for sp, _, _ in self.groups)
+
+    def select(self, logits: torch.Tensor, noise=None, u=None):
+        """One token per row from ``logits [B, V]``, and the draft distribution ``[B, V]`` that
+        unseeded rows sampled from (zeros elsewhere; None when no row is unseeded)."""
+        tokens = torch.empty(len(logits), dtype=torch.long, device=logits.device)
+        dist = None
+        for sp, seeded, rows in self.groups:
+            if sp.greedy:
+                tokens[rows] = logits[rows].argmax(-1)
+                continue
+            probs = probabilities(logits[rows], sp)
+            if seeded:
+                tokens[rows] = gumbel_choice(probs, noise[rows])
+            else:
+                tokens[rows] = sample(probs, u[rows])
+                dist = torch.zeros_like(logits, dtype=torch.float32) if dist is None else dist
+                dist[rows] = probs
+        return tokens, dist
+
+    def accept(self, drafts, draft_probs, target_logits, noise=None, u_accept=None, u_extra=None):
+        """``(accepted [B], extra [B])``: how many leading drafts ``[B, g]`` each row keeps, and the
+        token that follows them. ``noise [B, g+1, V]`` covers the round's g + 1 positions."""
+        B, g = drafts.shape
+        accepted = torch.empty(B, dtype=torch.long, device=drafts.device)
+        extra = torch.empty_like(accepted)
+        for sp, seeded, rows in self.groups:
+            logits = target_logits[rows]
+            if sp.greedy:
+                accepted[rows], extra[rows] = accept_matching(drafts[rows], logits.argmax(-1))
+            elif seeded:
+                accepted[rows], extra[rows] = accept_matching(drafts[rows], gumbel_choice(probabilities(logits, sp),
+                                                                                          noise[rows]))
+            else:
+                accepted[rows], extra[rows] = accept_rejection(drafts[rows], draft_probs[rows],
+                                                               probabilities(logits, sp), u_accept[rows], u_extra[rows])
+        return accepted, extra

@@ -44,4 +44,4 @@ def test_runtime_through_graph_bookkeeping_matches_plain_runtime(tiny_engine, ti
     want = [r.token_ids for r in tiny_runtime.generate(prompts, **kw)]
     assert [r.token_ids for r in graphed.generate(prompts, **kw)] == want
     assert graphed.steps.graphs and any(n.startswith("verify3@") for n in graphed.steps.graphs)
-    assert len(graphed._draft_graphs) == 1
+    assert len(graphed.core._draft_graphs) == 1

@@ -39,7 +39,7 @@ REQUEST_CASES = [
     (dict(top_k=-1), "top_k=-1 is out of range: must be an integer >= 0 (0 disables it)"),
     (dict(gamma=5), "gamma=5 is not one the engine was built for: allowed [0, 1, 2, 3, 4]"),
     (dict(gamma=-1), "gamma=-1 is not one the engine was built for"),
-    (dict(seed=-3), "seed=-3 is out of range: must be an integer >= 0 or None"),
+    (dict(seed=-3), "seed=-3 is out of range: must be an integer in [0, 2**63) or None"),
     (dict(stop=[""]), "stop=[''] is invalid: must be a non-empty string or a list of them"),
 ]
 

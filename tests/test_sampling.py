@@ -18,7 +18,8 @@ from transformers.generation.logits_process import (
 
 from builders.build import build_engine
 from magicdec_rt import Runtime
-from magicdec_rt.sampling import SamplingParams, accept, probabilities, sample
+from magicdec_rt.sampling import (RowRules, SamplingParams, accept_matching, accept_rejection, gumbel_choice, noise,
+                                  probabilities, sample)
 
 from .conftest import tiny_hf_model_dir
 
@@ -71,7 +72,7 @@ def test_greedy_accept_keeps_the_agreeing_prefix():
     best = torch.tensor([[1, 2, 3, 4], [1, 0, 3, 4], [0, 2, 3, 4]])
     target.scatter_(-1, best[..., None], 1.0)
     drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
-    acc, extra = accept(drafts, None, target, SamplingParams(), None, None)
+    acc, extra = RowRules([None] * 3).accept(drafts, None, target)
     assert acc.tolist() == [3, 1, 0]
     assert extra.tolist() == [4, 0, 0]  # bonus; correction at 1; correction at 0
 
@@ -88,10 +89,8 @@ def test_rejection_sampler_first_token_is_distributed_as_target(gamma):
     sp = SamplingParams(temperature=1.0)
     p = probabilities(p_logits, sp)
     drafts = torch.stack([sample(q[i].expand(N, V), 1 - torch.rand(N, generator=g)) for i in range(gamma)], 1)
-    acc, extra = accept(
-        drafts, q.expand(N, gamma, V), p_logits.expand(N, gamma + 1, V), sp,
-        torch.rand(N, gamma, generator=g), 1 - torch.rand(N, generator=g),
-    )
+    acc, extra = accept_rejection(drafts, q.expand(N, gamma, V), p.expand(N, gamma + 1, V),
+                                  torch.rand(N, gamma, generator=g), 1 - torch.rand(N, generator=g))
     first = torch.where(acc > 0, drafts[:, 0], extra)
     assert 0.1 < (acc > 0).float().mean() < 0.9  # both branches are exercised
     counts = np.bincount(first.numpy(), minlength=V)
