@@ -229,7 +229,9 @@ class EngineCore:
         e, u = self._randomness(rules, g)
         L = torch.tensor(self.lengths, device=dev)
         x = torch.tensor(self.nxt, device=dev)
-        drafts, qs = torch.zeros(m.max_batch, 0, dtype=torch.long, device=dev), None
+        # gamma = 0: nothing to accept
+        drafts = torch.zeros(m.max_batch, 0, dtype=torch.long, device=dev)
+        qs = torch.zeros(m.max_batch, 0, m.model.vocab_size, device=dev)
         if g:
             base = torch.tensor([self.draft.valid(n) for n in self.lengths], device=dev)
             none = x.new_zeros(0)

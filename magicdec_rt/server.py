@@ -12,7 +12,6 @@ with ``finish_reason: "deadline"`` when it passes). Needs the ``serve`` extra (F
 prometheus-client).
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -209,7 +208,12 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, ma
     async def events(handle, request: HttpRequest):
         """The request's events; cancels it when the client goes away (or this generator is closed)."""
         r = handle.request
-        last = None
+        last, counted = None, False
+
+        def count(outcome: str) -> None:
+            metrics.requests.labels(outcome).inc()
+            metrics.prompt_tokens.inc(len(r.prompt))
+            metrics.generation_tokens.inc(len(r.tokens))
 
         async def watch():
             while True:
@@ -233,15 +237,14 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, ma
                             metrics.itl.observe((now - last) / len(ev.token_ids))
                     last = now
                 if ev.result is not None:
-                    res = ev.result
-                    metrics.requests.labels(res.finish_reason).inc()
-                    metrics.prompt_tokens.inc(res.prompt_tokens)
-                    metrics.generation_tokens.inc(len(res.token_ids))
+                    count(ev.result.finish_reason)
+                    counted = True
                 yield ev
         finally:
             watcher.cancel()
-            if not r.done:
+            if not counted:  # the client went away: the request ends (if it has not) uncounted
                 handle.cancel()
+                count("cancelled" if r.reason in ("", "cancelled") else r.reason)
 
     def usage(res) -> dict:
         return {"prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.token_ids),
@@ -369,3 +372,9 @@ def main(argv=None) -> int:
         return 0
 
     return run_cli("magicdec-serve", run)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -29,7 +29,8 @@ def tiny_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
 
 
-def tiny_hf_model_dir(path: Path, vocab=16, layers=2, hidden=32, heads=4, kv_heads=2, seed=0, head_dim=64, **rope):
+def tiny_hf_model_dir(path: Path, vocab=16, layers=2, hidden=32, heads=4, kv_heads=2, seed=0, head_dim=64,
+                      positions=256, **rope):
     """Head dim 64 (as SmolLM2's), so the tiny engines run the CPU attention kernel."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,7 +43,7 @@ def tiny_hf_model_dir(path: Path, vocab=16, layers=2, hidden=32, heads=4, kv_hea
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=256,
+        max_position_embeddings=positions,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=None,
