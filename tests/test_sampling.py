@@ -99,6 +99,27 @@ def test_rejection_sampler_first_token_is_distributed_as_target(gamma):
     assert chi2_pvalue(naive, p[0].numpy()) < 1e-6
 
 
+def test_gumbel_choice_samples_p_exactly_and_couples_q_to_it():
+    """Over positions (fresh noise each), argmax p / E follows p exactly; a draft read from q with
+    the same noise agrees with it with a probability between the drafter-invariant bound
+    (1 - TV) / (1 + TV) and the maximal coupling's 1 - TV. Control: noise reused across positions
+    gives one token every time."""
+    V, N = 6, 20000
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.log(p) + 0.5 * torch.randn(V, generator=g), -1)
+    e = torch.stack([noise(11, n, V) for n in range(N)])
+    t, d = gumbel_choice(p.expand(N, V), e), gumbel_choice(q.expand(N, V), e)
+    assert chi2_pvalue(np.bincount(t.numpy(), minlength=V), p.numpy()) > 1e-3
+    assert chi2_pvalue(np.bincount(d.numpy(), minlength=V), q.numpy()) > 1e-3
+    tv = 0.5 * (p - q).abs().sum().item()
+    agree = (t == d).double().mean().item()
+    assert (1 - tv) / (1 + tv) - 0.01 < agree < 1 - tv + 0.01, (agree, tv)
+    assert gumbel_choice(p.expand(N, V), noise(11, 0, V).expand(N, V)).unique().numel() == 1
+    acc, extra = accept_matching(torch.stack([d, d], 1), torch.stack([t, t, t], 1))
+    assert torch.equal(extra, t) and torch.equal(acc, 2 * (d == t).long())
+
+
 @pytest.fixture(scope="module")
 def wide_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("wide")
@@ -134,20 +155,26 @@ def exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab):
     return pairs, marginals
 
 
-@pytest.mark.parametrize("sp, gamma", [(CONFIGS[0], 3), (CONFIGS[1], 3), (CONFIGS[2], 3), (CONFIGS[0], 0),
-                                       (CONFIGS[1], "auto")],
-                         ids=["t1", "t0.7-k4", "t1.3-p0.7", "t1-autoregressive", "t0.7-k4-planner"])
-def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma):
+@pytest.mark.parametrize("sp, gamma, seeded", [(CONFIGS[0], 3, True), (CONFIGS[1], 3, True), (CONFIGS[2], 3, True),
+                                               (CONFIGS[0], 0, True), (CONFIGS[1], "auto", True),
+                                               (CONFIGS[0], 3, False), (CONFIGS[2], 3, False),
+                                               (CONFIGS[1], "auto", False)],
+                         ids=["t1", "t0.7-k4", "t1.3-p0.7", "t1-autoregressive", "t0.7-k4-planner",
+                              "t1-rejection", "t1.3-p0.7-rejection", "t0.7-k4-planner-rejection"])
+def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma, seeded):
     """Tiny model, draft cache far smaller than the prompt (so drafts are often rejected): the joint
     of the first two generated tokens and the marginals of the 3rd and 4th (made of accepted
     drafts, corrections and bonus tokens) equal the target's exact sampling distributions, with
-    speculation, without it, and with the planner choosing gamma round by round."""
+    speculation, without it, and with the planner choosing gamma round by round; for seeded
+    requests (drafter-invariant Gumbel sampling) and unseeded ones (the rejection sampler, whose
+    per-request generators are seeded from torch's global RNG, fixed here)."""
     runtimes, hf = wide_tiny
     rt = runtimes[gamma]
     vocab, N, n_tokens = 12, 3000, 4
     prompt = [int(t) for t in torch.randint(0, vocab, (14,), generator=torch.Generator().manual_seed(7))]
+    torch.manual_seed(1000 * CONFIGS.index(sp) + 1)
     outs = rt.generate([prompt] * N, max_new_tokens=n_tokens, temperature=sp.temperature,
-                       top_k=sp.top_k, top_p=sp.top_p, seed=1000 * CONFIGS.index(sp), gamma=gamma)
+                       top_k=sp.top_k, top_p=sp.top_p, seed=1000 * CONFIGS.index(sp) if seeded else None, gamma=gamma)
     stats = rt.last_stats
     assert stats["gamma"] == gamma
     if gamma == 3:
