@@ -160,8 +160,9 @@ def serve(engine: Path, mode: str, args) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{m.group(1)}"
 
 
-def replay(engine: Path, jobs: list[dict], records: list[dict], n: int) -> dict:
-    """The first ``n`` completed seeded requests (and as many greedy ones), each run alone offline."""
+def replay(engine: Path, mode: str, jobs: list[dict], records: list[dict], n: int) -> dict:
+    """The first ``n`` completed seeded requests (and as many greedy ones), each run alone offline
+    with the server's gamma policy."""
     from magicdec_rt import Runtime
 
     rt = Runtime.load(engine)
@@ -172,7 +173,7 @@ def replay(engine: Path, jobs: list[dict], records: list[dict], n: int) -> dict:
         same = 0
         for j in picked:
             p = dict(j["params"])
-            kw = dict(max_new_tokens=p.pop("max_tokens"), temperature=p.pop("temperature"), top_p=p.pop("top_p", 1.0),
+            kw = dict(gamma=mode if mode == "auto" else int(mode), max_new_tokens=p.pop("max_tokens"), temperature=p.pop("temperature"), top_p=p.pop("top_p", 1.0),
                       seed=p.pop("seed", None), top_k=p.pop("extra_body", {}).get("top_k", 0))
             same += rt.generate([j["prompt"]], **kw)[0].text == records[j["index"]]["text"]
         out[kind] = dict(checked=len(picked), identical=same)
@@ -212,7 +213,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=120)
         s = summarize(load, metrics) | {"rss_mib_at_start": start_rss}
-        s["offline_replay"] = replay(args.engine, jobs, load["records"], args.replay)
+        s["offline_replay"] = replay(args.engine, mode, jobs, load["records"], args.replay)
         report["modes"][mode] = s
         print(f"gamma={mode}: {json.dumps(s)}", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,11 +232,12 @@ def markdown(r: dict) -> str:
         rep = s["offline_replay"]
         ms = lambda x: f"{1e3 * x:.1f}" if x is not None else "-"  # noqa: E731
         sec = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
+        num = lambda x, f=".0f": format(x, f) if x is not None else "-"  # noqa: E731
         lines.append(
             f"| {mode} | {s['requests']} | {s['cancelled']} | {s['hung']} | {s['lost']} | {s['completion_tokens_per_s']:.1f} "
             f"| {s['requests_per_s']:.2f} | {sec(s['ttft_p50_s'])} / {sec(s['ttft_p99_s'])} | {ms(s['itl_p50_s'])} / "
-            f"{ms(s['itl_p99_s'])} | {ms(s['chunk_gap_p99_s'])} | {s['rss_mib_at_start']:.0f} / {s['rss_mib_at_100']:.0f} / "
-            f"{s['rss_mib_at_end']:.0f} | {s['rss_growth_pct']:+.1f}% | {s['gamma_rounds']} | "
+            f"{ms(s['itl_p99_s'])} | {ms(s['chunk_gap_p99_s'])} | {num(s['rss_mib_at_start'])} / {num(s['rss_mib_at_100'])} / "
+            f"{num(s['rss_mib_at_end'])} | {num(s['rss_growth_pct'], '+.1f')}% | {s['gamma_rounds']} | "
             f"{s['acceptance_rate'] if s['acceptance_rate'] is None else round(s['acceptance_rate'], 3)} | "
             f"{rep['seeded']['identical']}/{rep['seeded']['checked']} / {rep['greedy']['identical']}/{rep['greedy']['checked']} |")
     return "\n".join(lines) + "\n"

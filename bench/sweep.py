@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from magicdec_rt import cpu
+from magicdec_rt.kv_cache import DraftPolicy
 from workload import DEFAULT_CORPUS, ROOT, StepCost, load_prompts, measure_bandwidth, measure_matmul
 
 QUICK = dict(batch=[1, 4], context=[1024, 2048], gamma=[1, 2, 3], budget=[256], temperature=[0.0, 0.7], new_tokens=32,
@@ -41,31 +42,39 @@ FULL = dict(batch=[1, 4, 8, 16], context=[1024, 2048, 4096, 7680], gamma=[1, 2, 
 
 def sweep_runtime_class():
     from magicdec_rt import Runtime
+    from magicdec_rt.core import EngineCore
+
+    class SweepCore(EngineCore):
+        """An engine core that prefills each prompt once: a later request for the same prompt (in
+        any SweepRuntime of the same batch) restores its rows of the full cache instead, so every
+        mode starts from the same state and the sweep pays each prefill once."""
+
+        saved = {}  # prompt -> (k, v [layers, kv, P, d], first-token logits [1, V])
+
+        def _prefill_chunk(self):
+            b = self.filling[0]
+            r = self.slots[b]
+            hit = SweepCore.saved.get(tuple(r.prompt))
+            if hit is None:
+                return super()._prefill_chunk()
+            k, v, logits = hit
+            self.fit(len(r.prompt))
+            self.full.write(b, 0, k, v)
+            self.lengths[b] = len(r.prompt)
+            self._prompt_done(b, logits)
+
+        def _prompt_done(self, b, logits):
+            P = len(self.slots[b].prompt)
+            SweepCore.saved[tuple(self.slots[b].prompt)] = (self.full.k[:, b, :, :P].clone(),
+                                                           self.full.v[:, b, :, :P].clone(), logits.clone())
+            super()._prompt_done(b, logits)
 
     class SweepRuntime(Runtime):
-        """A Runtime that prefills a prompt set once: a later request for the same prompts (from
-        any SweepRuntime of the same batch) restores the full cache instead, so every mode starts
-        from the same state and the sweep pays each prefill once."""
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.core.__class__ = SweepCore
 
-        saved = None  # (prompts, bucket, k, v, first-token logits)
-
-        def _prefill(self, slots, rows, speculate, live):
-            key = [r.prompt for r in rows]
-            saved = SweepRuntime.saved
-            if saved is None or saved[0] != key or saved[2].shape[1] != self.full.rows:
-                first = super()._prefill(slots, rows, speculate, live)
-                SweepRuntime.saved = (key, self.full.slots, self.full.k.clone(), self.full.v.clone(), first.clone())
-                return first
-            _, bucket, k, v, first = saved
-            self.full.resize(bucket)
-            self.full.k.copy_(k)
-            self.full.v.copy_(v)
-            if speculate:
-                for slot, r in zip(slots, rows):
-                    self.draft.absorb(self.full, slot, 0, len(r.prompt))
-            return first.clone()
-
-    return SweepRuntime
+    return SweepRuntime, SweepCore
 
 
 def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, gammas: list[int], dtype: str) -> Path:
@@ -167,6 +176,8 @@ def main() -> None:
     p.add_argument("--context", type=int, nargs="+")
     p.add_argument("--gamma", type=int, nargs="+")
     p.add_argument("--budget", type=int, nargs="+", help="draft budgets (sinks + window slots)")
+    p.add_argument("--policy", nargs="+", default=["streaming"], choices=DraftPolicy.KINDS,
+                   help="draft cache policies (kv_cache.DraftPolicy, default settings)")
     p.add_argument("--temperature", type=float, nargs="+")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--repeats", type=int, help="runs of every mode, interleaved; the median is reported")
@@ -185,40 +196,43 @@ def main() -> None:
     bw, mm = measure_bandwidth(), measure_matmul(torch_dtype)
     print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s, {args.dtype} matmul {mm / 1e9:.0f} GFLOP/s", file=sys.stderr)
     gammas = sorted(set(cfg["gamma"]))
-    SweepRuntime = sweep_runtime_class()
+    SweepRuntime, SweepCore = sweep_runtime_class()
     points, hf, prefill = [], [], []
     for batch in cfg["batch"]:
         engines = {w: engine_for(batch, w, cfg["context"], cfg["new_tokens"], gammas, args.dtype) for w in cfg["budget"]}
         runtimes = {}
         for w, eng in engines.items():
-            runtimes[w] = SweepRuntime.load(eng)
-            runtimes[w].full = runtimes[cfg["budget"][0]].full  # one full cache per batch, shared
-        first = runtimes[cfg["budget"][0]]
+            for policy in args.policy:
+                rt = runtimes[w, policy] = SweepRuntime.load(eng, draft_policy=DraftPolicy(policy))
+                rt.core.full = runtimes[cfg["budget"][0], args.policy[0]].full  # one full cache per batch, shared
+        first = runtimes[cfg["budget"][0], args.policy[0]]
         cost = StepCost(first.manifest.model, torch_dtype.itemsize)
         for context in cfg["context"]:
             prompts = load_prompts(first.tokenizer, args.corpus, batch, context)
-            SweepRuntime.saved = None
+            SweepCore.saved.clear()
             for temperature in cfg["temperature"]:
                 # Modes run interleaved, --repeats times; each reports its median run (this
                 # machine's step times wander by +-20-40% over minutes).
-                modes = [(cfg["budget"][0], 0)] + [(w, g) for w in cfg["budget"] for g in gammas + ["auto"]]
+                modes = [(cfg["budget"][0], args.policy[0], 0)] + [
+                    (w, policy, g) for w in cfg["budget"] for policy in args.policy for g in gammas + ["auto"]]
                 runs = {mode: [] for mode in modes}
                 for _ in range(cfg["repeats"]):
-                    for w, gamma in modes:
-                        rt, fresh = runtimes[w], SweepRuntime.saved is None  # fresh: this run really prefills
+                    for w, policy, gamma in modes:
+                        rt, fresh = runtimes[w, policy], not SweepCore.saved  # fresh: this run really prefills
                         rt.generate(prompts, max_new_tokens=cfg["new_tokens"], temperature=temperature, seed=0, gamma=gamma)
                         s = dict(rt.last_stats)
-                        runs[w, gamma].append(s)
+                        runs[w, policy, gamma].append(s)
                         if fresh:
                             prefill.append({"batch": batch, "context": context, "prefill_s": s["prefill_s"],
                                             "tokens_per_s": batch * context / s["prefill_s"]})
                 median = {m: sorted(r, key=lambda s: s["steady_tokens_per_s"])[len(r) // 2] for m, r in runs.items()}
                 ar = median[modes[0]]
-                for (w, gamma), s in median.items():
-                    pt = point(s, ar, batch, context, w, temperature, runtimes[w], (cost, bw, mm))
-                    pt["runs_tokens_per_s"] = [r["steady_tokens_per_s"] for r in runs[w, gamma]]
+                for (w, policy, gamma), s in median.items():
+                    pt = point(s, ar, batch, context, w, temperature, runtimes[w, policy], (cost, bw, mm))
+                    pt["policy"] = policy
+                    pt["runs_tokens_per_s"] = [r["steady_tokens_per_s"] for r in runs[w, policy, gamma]]
                     points.append(pt)
-                    print(f"B{batch} C{context} W{w} T{temperature} gamma {gamma}: {pt['tokens_per_s']:.1f} tok/s, "
+                    print(f"B{batch} C{context} W{w} {policy} T{temperature} gamma {gamma}: {pt['tokens_per_s']:.1f} tok/s, "
                           f"speedup {pt['speedup']:.2f}x (predicted {_fmt(pt['predicted_speedup'])}), "
                           f"acceptance {_fmt(pt['acceptance_rate'])}", file=sys.stderr)
             if not args.no_hf:
@@ -230,7 +244,7 @@ def main() -> None:
                 print(f"B{batch} C{context} HF generate: {r['decode_tokens_per_s']:.1f} tok/s; ours {r['ours_over_hf']:.2f}x",
                       file=sys.stderr)
         del runtimes, first
-        SweepRuntime.saved = None
+        SweepCore.saved.clear()
     report = {"command": " ".join(sys.argv), "config": cfg, "dtype": args.dtype, "backend": "eager",
               "machine": cpu.describe(),
               "read_bandwidth_GB_s": bw / 1e9, "matmul_GFLOP_s": mm / 1e9, "wall_s": time.perf_counter() - t_start,
@@ -250,14 +264,14 @@ def markdown(r: dict) -> str:
     lines = [f"`{r['command']}` ({r['dtype']}, {r['backend']}; {r['wall_s']:.0f} s). This machine: "
              f"{m.get('cpu', '?')} ({', '.join(m.get('isa', []))}), read bandwidth "
              f"{r['read_bandwidth_GB_s']:.1f} GB/s, matmul {r['matmul_GFLOP_s']:.0f} GFLOP/s.", "",
-             "| batch | context | budget | temp | gamma | tok/s | speedup | predicted | planner online | batch speedup | "
+             "| batch | context | budget | policy | temp | gamma | tok/s | speedup | predicted | planner online | batch speedup | "
              "acceptance | tokens/verify | ms AR step | ms draft / verify / rest per round | GB per verify | "
              "floor fraction | bound |",
-             "|" + "---|" * 17]
+             "|" + "---|" * 18]
     for q in r["points"]:
         g = q["gamma"] if q["gamma"] != "auto" else "auto " + ",".join(f"{k}:{v}" for k, v in q["gamma_rounds"].items())
         lines.append(
-            f"| {q['batch']} | {q['context']} | {q['budget']} | {q['temperature']} | {g} | {q['tokens_per_s']:.1f} | "
+            f"| {q['batch']} | {q['context']} | {q['budget']} | {q.get('policy', 'streaming')} | {q['temperature']} | {g} | {q['tokens_per_s']:.1f} | "
             f"{q['speedup']:.2f}x | {_fmt(q['predicted_speedup'])} | {_fmt(q['planner_online_prediction'])} | "
             f"{q['batch_speedup']:.2f}x | "
             f"{_fmt(q['acceptance_rate'])} | {q['tokens_per_row_per_verify']:.2f} | {q['ms_autoregressive_step']:.0f} | "
@@ -326,11 +340,13 @@ def plots(r: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     gmax = max(r["config"]["gamma"])
     for w in r["config"]["budget"]:
-        for t in temps:
-            qs = [next((q for q in pts if (q["context"], q["budget"], q["temperature"], q["gamma"], q["batch"])
-                        == (c, w, t, gmax, r["config"]["batch"][-1])), None) for c in contexts]
-            ax.plot([c for c, q in zip(contexts, qs) if q], [q["acceptance_rate"] for q in qs if q],
-                    "o-" if t == 0 else "s--", label=f"budget {w}, temperature {t}")
+        for policy in sorted({q.get("policy", "streaming") for q in pts}):
+            for t in temps:
+                qs = [next((q for q in pts if (q["context"], q["budget"], q.get("policy", "streaming"), q["temperature"],
+                                               q["gamma"], q["batch"]) == (c, w, policy, t, gmax, r["config"]["batch"][-1])),
+                           None) for c in contexts]
+                ax.plot([c for c, q in zip(contexts, qs) if q], [q["acceptance_rate"] for q in qs if q],
+                        "o-" if t == 0 else "s--", label=f"{policy}, budget {w}, temperature {t}")
     ax.set(xlabel="context", ylabel=f"acceptance rate (gamma {gmax})", ylim=(0, 1), title="acceptance vs context and budget")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -49,6 +49,17 @@ def split_attention(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
     return o.view(B, kv, R, d)
 
 
+def window_scores(q, k, cache_k, cache_bias, causal_bias):
+    """Attention weights of the block's queries ``q [B, kv, G, T, d]`` over the cache slots and the
+    block's own keys ``k [B, kv, T, d]`` (masks as in ``split_attention``), summed over the query
+    group and the block: ``[B, kv, S + T]`` in float32. SnapKV's observation (``model.ObserveStep``)."""
+    d = q.shape[-1]
+    q = q.float() * d**-0.5
+    s_cache = torch.einsum("bhgtd,bhsd->bhgts", q, cache_k.float()) + cache_bias[:, :, None].float()
+    s_block = torch.einsum("bhgtd,bhud->bhgtu", q, k.float()) + causal_bias.float()
+    return torch.softmax(torch.cat((s_cache, s_block), dim=-1), dim=-1).sum((2, 3))
+
+
 def reference(q, k_cache, v_cache, lengths, k_new, v_new, scale):
     """The op's specification, computed and returned in float32: one softmax over the valid cache
     slots and the block's visible keys."""

@@ -61,6 +61,20 @@ def gamma_arg(text: str):
         raise argparse.ArgumentTypeError(f"invalid gamma {text!r}: an integer or 'auto'") from None
 
 
+def add_draft_policy_args(p) -> None:
+    p.add_argument("--draft-policy", choices=["streaming", "snapkv"], default="streaming",
+                   help="what the draft cache keeps: StreamingLLM's sinks + recent window, or SnapKV's "
+                        "per-head selection of the prompt + sinks + a recent ring")
+    p.add_argument("--draft-recent", type=int, default=64, help="snapkv: ring slots for the newest tokens")
+    p.add_argument("--draft-window", type=int, default=32, help="snapkv: prompt tokens whose attention selects")
+
+
+def draft_policy(args):
+    from .kv_cache import DraftPolicy
+
+    return DraftPolicy(args.draft_policy, window=args.draft_window, recent=args.draft_recent)
+
+
 def read_prompts_file(name: str) -> list:
     """One prompt per line, or (a file starting with ``[`` or ``{``) JSON: a list of prompts or one."""
     path = Path(name)
@@ -97,6 +111,7 @@ def main(argv=None) -> int:
                    help="draft length; 0 = autoregressive; auto = the planner chooses each round "
                         "(default: auto on a calibrated engine, else the engine's default)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    add_draft_policy_args(p)
     p.add_argument("--json", action="store_true", help="print results and statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars (none either when stderr is not a terminal)")
     args = p.parse_args(argv)
@@ -111,7 +126,8 @@ def main(argv=None) -> int:
             prompts = [[{"role": "user", "content": q}] if isinstance(q, str) else q for q in prompts]
         from .runtime import Runtime
 
-        rt = Runtime.load(args.engine, show_progress=sys.stderr.isatty() and not args.quiet)
+        rt = Runtime.load(args.engine, show_progress=sys.stderr.isatty() and not args.quiet,
+                          draft_policy=draft_policy(args))
         results = rt.generate(
             prompts,
             max_new_tokens=args.max_new_tokens,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .kv_cache import KVCache, StreamingCache
+from .kv_cache import DraftPolicy, KVCache, StreamingCache
 from .planner import Planner, mode, omega
 from .requests import Request, acceptance
 from .sampling import RowRules, noise
@@ -44,7 +44,7 @@ from .sampling import RowRules, noise
 
 class EngineCore:
     def __init__(self, manifest, steps, tokenizer, planner: Planner | None, gamma, cuda_graphs: bool = False,
-                 chunks_per_round: int | None = None, show_progress: bool = False):
+                 chunks_per_round: int | None = None, show_progress: bool = False, policy=DraftPolicy()):
         self.manifest, self.tokenizer, self.planner = manifest, tokenizer, planner
         self.gamma, self.chunks_per_round, self.show_progress = gamma, chunks_per_round, show_progress
         self._raw_steps, self._draft_graphs, self.cuda_graphs = steps, {}, cuda_graphs
@@ -56,7 +56,7 @@ class EngineCore:
         m, dt = manifest, manifest.torch_dtype
         self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt, self.device)
         self.draft = StreamingCache(steps.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt,
-                                    self.device)
+                                    self.device, policy)
         self.slots: list[Request | None] = [None] * m.max_batch
         self.lengths = [0] * m.max_batch  # cache slots holding the row's tokens
         self.nxt = [0] * m.max_batch  # a live row's newest token, not yet in the cache
@@ -132,7 +132,7 @@ class EngineCore:
     def _prefill_chunk(self) -> None:
         """The next chunk of the oldest prefilling request; its first token once its prompt is in."""
         t = time.perf_counter()
-        m, C, dev = self.manifest, self.manifest.prefill_chunk, self.device
+        C, dev = self.manifest.prefill_chunk, self.device
         b = self.filling[0]
         r, start = self.slots[b], self.lengths[b]
         seg = r.prompt[start : start + C]
@@ -150,18 +150,38 @@ class EngineCore:
         self.full.write(b, start, k[:, 0, :, : len(seg)], v[:, 0, :, : len(seg)])
         self.lengths[b] = start + len(seg)
         if self.lengths[b] == len(r.prompt):
-            self.filling.popleft()
-            if self.speculate:
-                self.draft.absorb(self.full, b, 0, len(r.prompt))
-            rules = RowRules([r.rule])
-            e = noise(r.seed, len(r.prompt), m.model.vocab_size)[None] if rules.groups[0][1] else None
-            token, _ = rules.select(logits.reshape(1, -1), e, r.uniforms(1))
-            self.nxt[b] = int(token[0])
-            r.push([self.nxt[b]], self.tokenizer, m.eos_token_ids)
-            self._emit(r)
+            self._prompt_done(b, logits.reshape(1, -1))
         self.totals.prefill += time.perf_counter() - t
         if self.observer:
             self.observer({"kind": "prefill", "seconds": time.perf_counter() - t})
+
+    def _prompt_done(self, b: int, logits: torch.Tensor) -> None:
+        """Row ``b``'s prompt is in the full cache: fill its draft cache and take its first token
+        from the last prompt position's ``logits [1, V]``."""
+        r = self.slots[b]
+        self.filling.remove(b)
+        if self.speculate:
+            self._fill_draft(b, r.prompt)
+        rules = RowRules([r.rule])
+        e = noise(r.seed, len(r.prompt), self.manifest.model.vocab_size)[None] if rules.groups[0][1] else None
+        token, _ = rules.select(logits, e, r.uniforms(1))
+        self.nxt[b] = int(token[0])
+        r.push([self.nxt[b]], self.tokenizer, self.manifest.eos_token_ids)
+        self._emit(r)
+
+    def _fill_draft(self, b: int, prompt: list[int]) -> None:
+        """The draft cache of a freshly prefilled row, by the cache's policy."""
+        P, policy, dev = len(prompt), self.draft.policy, self.device
+        if policy.kind != "snapkv" or P <= self.draft.budget:
+            self.draft.absorb(self.full, b, 0, P)
+            return
+        # The observation window re-runs over the cache of the tokens before it.
+        w = min(policy.window, P)
+        ck, cv = self.full.view(slice(b, b + 1))
+        S = self.full.slots
+        scores = self.steps(f"observe@{S}", torch.tensor([prompt[P - w :]], device=dev),
+                            torch.arange(P - w, P, device=dev)[None], ck, cv, torch.tensor([P - w], device=dev))
+        self.draft.select(self.full, b, P, torch.cat((scores[:, 0, :, : P - w], scores[:, 0, :, S:]), dim=-1))
 
     # ------------------------------------------------------------------ decoding
 

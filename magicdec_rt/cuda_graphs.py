@@ -122,7 +122,7 @@ class GraphedSteps:
         self.steps, self.model, self.device, self.graphs = steps, steps.model, steps.device, {}
 
     def __call__(self, name: str, *inputs):
-        if name.startswith("prefill"):
+        if name.startswith(("prefill", "observe")):
             return self.steps(name, *inputs)
         caches = range(2, 2 + 2 * len(inputs[2]))  # flat indices of the per-layer caches: read in place
         return replay(self.graphs, name, lambda *x: self.steps(name, *x), inputs, lambda i, _: i in caches)

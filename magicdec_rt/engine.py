@@ -25,7 +25,7 @@ import torch
 from . import attention, cpu
 from .checkpoint import load_model_dir
 from .errors import EngineError
-from .model import DecodeStep, ModelConfig, PrefillStep
+from .model import DecodeStep, ModelConfig, ObserveStep, PrefillStep
 from .parallel import Shard, init_from_env
 
 FORMAT = "magicdec-rt-engine"
@@ -282,6 +282,8 @@ class Steps:
         self.model.to(self.device)
         self.backend = manifest.backend
         self._modules = {kind: step_module(self.model, kind) for kind in ("prefill", "decode")}
+        # SnapKV's observation runs once per long prompt: eager on every backend.
+        self._observe = ObserveStep(self.model)
         self._graphs = {}
         for name, entry in manifest.graphs.items():
             path = directory / entry["file"]
@@ -300,6 +302,8 @@ class Steps:
 
     @torch.inference_mode()
     def __call__(self, name: str, *inputs):
+        if name.startswith("observe"):
+            return self._observe(*inputs)
         if self.backend == "eager":
             return self._module(name)(*inputs)
         graph = self._graphs.get(name)

@@ -2,20 +2,34 @@
 
 Full cache: slot ``p`` of row ``b`` holds the K/V of position ``p``; ``lengths[b]`` are valid.
 
-Draft cache (StreamingLLM): ``sinks`` slots for the first tokens, then a ring of
-``budget - sinks`` slots for the most recent committed tokens, then ``max_gamma`` scratch slots
-for the draft tokens of the round in flight. Keys keep their *original* RoPE positions: contexts
-here never exceed the model's trained length, so the draft's attention is exactly the target's
-attention restricted to the kept tokens, and the target's K/V can be copied in unchanged after each
-verification (re-indexing positions inside the cache, as StreamingLLM does to run past the trained
-length, would mean re-rotating every key on every copy). Because attention does not care about slot
-order, the valid slots are always a prefix: ``min(length, budget)`` ring slots, then the round's
-draft tokens, so the draft step uses the same ``lengths`` mask as every other step.
+Draft cache: ``budget`` slots of committed tokens, then ``max_gamma`` scratch slots for the draft
+tokens of the round in flight. Two policies fill it (``DraftPolicy``):
+
+* ``streaming`` (StreamingLLM): ``sinks`` slots for the first tokens, then a ring of
+  ``budget - sinks`` slots for the most recent committed tokens.
+* ``snapkv`` (SnapKV): for a prompt longer than the budget, the sinks, then for each layer and KV
+  head the ``budget - sinks - recent`` prompt tokens that the prompt's last ``window`` queries
+  attend to most (their attention summed over the window and the head's query group, max-pooled
+  over neighbouring positions), then a ring of ``recent`` slots that rolls over the newest tokens
+  during decoding. Each head keeps its own positions; the selection stays fixed, as in MagicDec.
+  A prompt within the budget is kept whole and then rolls as ``streaming``.
+
+Keys keep their *original* RoPE positions: contexts here never exceed the model's trained length,
+so the draft's attention is exactly the target's attention restricted to the kept tokens (whatever
+slot or head holds them), and the target's K/V can be copied in unchanged after each verification
+(re-indexing positions inside the cache, as StreamingLLM does to run past the trained length,
+would mean re-rotating every key on every copy). Because attention does not care about slot order,
+the valid slots are always a prefix: ``min(length, budget)`` slots, then the round's draft tokens,
+so the draft step uses the same ``lengths`` mask as every other step. ``positions`` records which
+position each slot holds (-1: none), for tests and inspection.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from .model import Transformer
 
@@ -89,28 +103,88 @@ class KVCache:
         self.v[:, rows, :, slots] = v[:, :, :, 0].transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class DraftPolicy:
+    kind: str = "streaming"  # or "snapkv"
+    window: int = 32  # snapkv: the last prompt tokens whose attention scores the rest
+    recent: int = 64  # snapkv: ring slots for the newest tokens
+    pool: int = 7  # snapkv: max-pooling width over neighbouring positions
+
+    KINDS = ("streaming", "snapkv")
+
+    def check(self, sinks: int, budget: int) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"draft policy {self.kind!r} is not one of {', '.join(self.KINDS)}")
+        if self.kind == "snapkv" and not (1 <= self.recent and sinks + self.recent < budget and 1 <= self.window
+                                          and self.pool >= 1 and self.pool % 2):
+            raise ValueError(f"snapkv needs window >= 1, an odd pool >= 1 and recent >= 1 with sinks + recent < budget "
+                             f"({sinks} + {self.recent} vs {budget})")
+
+
+def snap_select(scores: torch.Tensor, sinks: int, keep: int, recent: int, pool: int) -> torch.Tensor:
+    """SnapKV's choice from ``scores [..., P]`` (attention of the observation window to each prompt
+    position): the ``keep`` positions in ``[sinks, P - recent)`` with the highest max-pooled score,
+    ascending ``[..., keep]``."""
+    cand = scores[..., sinks : scores.shape[-1] - recent].float()
+    flat = cand.reshape(-1, 1, cand.shape[-1])
+    pooled = F.max_pool1d(flat, pool, stride=1, padding=pool // 2).reshape(cand.shape)
+    return pooled.topk(keep, dim=-1).indices.sort(dim=-1).values + sinks
+
+
 class StreamingCache(KVCache):
-    def __init__(self, model: Transformer, rows: int, sinks: int, budget: int, max_gamma: int, dtype, device="cpu"):
+    def __init__(self, model: Transformer, rows: int, sinks: int, budget: int, max_gamma: int, dtype, device="cpu",
+                 policy: DraftPolicy = DraftPolicy()):
         super().__init__(model, rows, budget + max_gamma, dtype, device)
-        self.sinks, self.budget = sinks, budget
+        policy.check(sinks, budget)
+        self.sinks, self.budget, self.policy = sinks, budget, policy
+        # Per row: the first slot of its ring (``sinks`` until a SnapKV selection puts the selected
+        # tokens before it).
+        self.ring_start = [sinks] * rows
+        self.positions = torch.full((self.layers, rows, self.heads, budget), -1, dtype=torch.long)
 
     def valid(self, length: int) -> int:
-        """Ring slots holding committed tokens when ``length`` tokens are committed."""
+        """Slots holding committed tokens when ``length`` tokens are committed."""
         return min(length, self.budget)
 
-    def ring_slot(self, positions: torch.Tensor) -> torch.Tensor:
-        s, w = self.sinks, self.budget
+    def _ring_slot(self, row: int, positions: torch.Tensor) -> torch.Tensor:
+        s, w = self.ring_start[row], self.budget
         return torch.where(positions < w, positions, s + (positions - s) % (w - s))
+
+    def _put(self, full: KVCache, row: int, slots: torch.Tensor, pos: torch.Tensor) -> None:
+        """Slots ``slots`` of ``row`` take the full cache's positions ``pos`` (both ``[n]``, or
+        ``[layers, heads, n]`` for a per-head choice)."""
+        if pos.dim() == 1:
+            for dst, src in ((self.k, full.k), (self.v, full.v)):
+                dst[:, row].index_copy_(2, slots.to(dst.device), src[:, row].index_select(2, pos.to(src.device)))
+            self.positions[:, row][:, :, slots] = pos.cpu()
+            return
+        idx = pos.to(self.k.device)[..., None].expand(-1, -1, -1, self.dim)
+        for dst, src in ((self.k, full.k), (self.v, full.v)):
+            dst[:, row, :, slots] = src[:, row].gather(2, idx)
+        self.positions[:, row, :, slots] = pos.cpu()
 
     def absorb(self, full: KVCache, row: int, start: int, end: int) -> None:
         """Copy the committed positions [start, end) of ``row`` from the full cache, keeping only
-        those that survive (sinks and the most recent ``budget - sinks``), so no ring slot is
-        written twice."""
-        window_start = max(self.sinks, end - (self.budget - self.sinks))
-        pos = torch.arange(start, end, device=self.k.device)
+        those that survive (sinks and the newest ring's worth), so no ring slot is written twice.
+        ``start == 0`` starts the row afresh (a new request in the slot)."""
+        if start == 0:
+            self.ring_start[row] = self.sinks
+            self.positions[:, row] = -1
+        window_start = max(self.ring_start[row], end - (self.budget - self.ring_start[row]))
+        pos = torch.arange(start, end)
         pos = pos[(pos < self.sinks) | (pos >= window_start)]
-        if pos.numel() == 0:
-            return
-        slots = self.ring_slot(pos)
-        self.k[:, row].index_copy_(2, slots, full.k[:, row].index_select(2, pos))
-        self.v[:, row].index_copy_(2, slots, full.v[:, row].index_select(2, pos))
+        if pos.numel():
+            self._put(full, row, self._ring_slot(row, pos), pos)
+
+    def select(self, full: KVCache, row: int, length: int, scores: torch.Tensor) -> None:
+        """Fill ``row`` for a prompt of ``length`` > budget tokens by SnapKV, from the observation
+        window's ``scores [layers, heads, length]``."""
+        p, s = self.policy, self.sinks
+        keep = self.budget - s - p.recent
+        self.positions[:, row] = -1
+        self._put(full, row, torch.arange(s), torch.arange(s))
+        chosen = snap_select(scores, s, keep, p.recent, p.pool)
+        self._put(full, row, torch.arange(s, s + keep), chosen)
+        self.ring_start[row] = s + keep
+        recent = torch.arange(length - p.recent, length)
+        self._put(full, row, self._ring_slot(row, recent), recent)

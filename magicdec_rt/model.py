@@ -93,7 +93,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias):
+    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias, scores=None):
         B, T, _ = x.shape
         kv, d, group = self.kv, self.d, self.group
         q = self.q_proj(x).view(B, T, kv, group, d).permute(0, 2, 3, 1, 4)  # [B,kv,G,T,d]
@@ -101,6 +101,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, kv, d).transpose(1, 2)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        if scores is not None:
+            scores.append(attention.window_scores(q, k, cache_k, cache_bias, causal_bias))
         # Three attention paths, one math (tests/test_steps.py and tests/test_attention.py hold them
         # to the same reference). On the CPU every step uses the kernel: it never reads slots past
         # a row's length, so a prefill chunk also skips the empty part of its bucket (2.3x the fused
@@ -157,8 +159,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias)
+    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias, scores=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias,
+                                 scores)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -189,8 +192,9 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.shard.gather_vocab(self.lm_head(h), self.cfg.vocab_size).float()
 
-    def hidden(self, tokens, positions, cache_k, cache_v, lengths):
-        """Final-norm hidden states [B,T,H] and the new K/V [layers,B,kv,T,d] of the block."""
+    def hidden(self, tokens, positions, cache_k, cache_v, lengths, scores=None):
+        """Final-norm hidden states [B,T,H] and the new K/V [layers,B,kv,T,d] of the block; with a
+        list ``scores``, each layer also appends its ``attention.window_scores``."""
         T = tokens.shape[1]
         S = cache_k[0].shape[2]
         x = self.embed_tokens(tokens)
@@ -207,7 +211,7 @@ class Transformer(nn.Module):
         causal_bias = torch.where(idx[None, :] <= idx[:, None], zero, neg)  # [T,T]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], lengths, cache_bias, causal_bias)
+            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], lengths, cache_bias, causal_bias, scores)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), torch.stack(new_k), torch.stack(new_v)
@@ -238,3 +242,18 @@ class PrefillStep(nn.Module):
         h, k, v = self.model.hidden(tokens, positions, cache_k, cache_v, lengths)
         h_last = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         return self.model.logits(h_last), k, v
+
+
+class ObserveStep(nn.Module):
+    """SnapKV's observation (``kv_cache.DraftPolicy``): the block (a prompt's last tokens, over the
+    cache of the tokens before them) and how much its queries attend to every key,
+    ``[layers, B, kv, S + T]`` (cache slots, then the block's own tokens)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, cache_k, cache_v, lengths):
+        scores = []
+        self.model.hidden(tokens, positions, cache_k, cache_v, lengths, scores)
+        return torch.stack(scores)

@@ -59,7 +59,6 @@ class Request:
     prefix_hits: list[int] = field(default_factory=list)  # [i]: rounds whose first i+1 drafts were accepted
     reached: list[int] = field(default_factory=list)  # [i]: rounds that drafted more than i tokens
     submitted: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
     gen: torch.Generator | None = None
 
     def __post_init__(self):
@@ -84,8 +83,6 @@ class Request:
 
     def push(self, new: list[int], tokenizer, eos: list[int]) -> None:
         """Append accepted tokens one by one until the request finishes."""
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
         for t in new:
             self.tokens.append(t)
             if t in eos:
@@ -194,13 +191,15 @@ def encode(tokenizer, vocab: int, i: int, prompt) -> list[int]:
 
 def make_requests(tokenizer, manifest, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                   stop=None, timeout=None) -> list[Request]:
-    """Validated requests, one per prompt (prompt ``i`` seeded with ``seed + i``). Everything is
-    checked before anything is built, so a bad call changes nothing."""
+    """Validated requests, one per prompt (prompt ``i`` seeded with ``seed + i``;
+    ``max_new_tokens=None``: as many as the engine's context leaves). Everything is checked before
+    anything is built, so a bad call changes nothing."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise RequestError("prompts must be a non-empty list of prompts")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
         raise RequestError(f"max_new_tokens={max_new_tokens!r} is out of range: must be an integer >= 1")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
             or temperature < 0:
@@ -220,13 +219,17 @@ def make_requests(tokenizer, manifest, prompts, max_new_tokens=128, temperature=
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise RequestError(f"stop={stop!r} is invalid: must be a non-empty string or a list of them")
     ids = [encode(tokenizer, manifest.model.vocab_size, i, p) for i, p in enumerate(prompts)]
+    limit = manifest.max_seq_len
     for i, p in enumerate(ids):
-        if len(p) + max_new_tokens > manifest.max_seq_len:
+        if max_new_tokens is None and len(p) >= limit:
+            raise RequestError(f"prompt {i} has {len(p)} tokens, leaving no room for new tokens within the "
+                               f"engine's max_seq_len {limit}")
+        if max_new_tokens is not None and len(p) + max_new_tokens > limit:
             raise RequestError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{len(p) + max_new_tokens}, beyond the engine's max_seq_len {manifest.max_seq_len}"
+                f"{len(p) + max_new_tokens}, beyond the engine's max_seq_len {limit}"
             )
     sp = SamplingParams(float(temperature), int(top_k), float(top_p))
     deadline = None if timeout is None else time.monotonic() + timeout
-    return [Request(p, sp, None if seed is None else seed + i, max_new_tokens, stops, i, deadline)
+    return [Request(p, sp, None if seed is None else seed + i, max_new_tokens or limit - len(p), stops, i, deadline)
             for i, p in enumerate(ids)]

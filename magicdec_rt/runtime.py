@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .core import EngineCore, Totals
 from .engine import Manifest, load_steps, read_manifest
+from .kv_cache import DraftPolicy
 from .errors import EngineError, RequestError
 from .planner import Calibration, Planner, host_info
 from .requests import GenerationResult, StreamEvent, make_requests
@@ -30,7 +31,8 @@ __all__ = ["Runtime", "GenerationResult", "StreamEvent"]
 
 
 class Runtime:
-    def __init__(self, directory: Path, manifest: Manifest, steps, tokenizer, show_progress=False, cuda_graphs=None):
+    def __init__(self, directory: Path, manifest: Manifest, steps, tokenizer, show_progress=False, cuda_graphs=None,
+                 draft_policy: DraftPolicy | None = None):
         self.directory, self.manifest, self.tokenizer = directory, manifest, tokenizer
         self.show_progress = show_progress
         # CUDA graphs (on by default on CUDA; not yet run on a GPU). Forcing them on elsewhere
@@ -38,8 +40,11 @@ class Runtime:
         cuda_graphs = steps.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         calibration = Calibration.load(directory)
         planner = None if calibration is None else Planner(calibration, manifest.gammas, manifest.context_buckets)
-        self.core = EngineCore(manifest, steps, tokenizer, planner, manifest.default_gamma, cuda_graphs,
-                               show_progress=show_progress)
+        try:
+            self.core = EngineCore(manifest, steps, tokenizer, planner, manifest.default_gamma, cuda_graphs,
+                                   show_progress=show_progress, policy=draft_policy or DraftPolicy())
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         self.last_stats: dict = {}
         self._call = 0  # the core serves the newest call; an older stream must stop
         self.served = False  # set when a Service drives the core from its own thread
@@ -57,14 +62,17 @@ class Runtime:
         return self.steps.model.shard.rank
 
     @classmethod
-    def load(cls, engine_dir: str | Path, show_progress: bool = False, cuda_graphs: bool | None = None) -> "Runtime":
+    def load(cls, engine_dir: str | Path, show_progress: bool = False, cuda_graphs: bool | None = None,
+             draft_policy: DraftPolicy | None = None) -> "Runtime":
+        """``draft_policy``: how the draft cache is filled (``kv_cache.DraftPolicy``; default
+        StreamingLLM's sinks and recent window)."""
         from transformers import AutoTokenizer
 
         directory = Path(engine_dir)
         manifest = read_manifest(directory)
         steps = load_steps(directory, manifest)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return cls(directory, manifest, steps, tokenizer, show_progress, cuda_graphs)
+        return cls(directory, manifest, steps, tokenizer, show_progress, cuda_graphs, draft_policy)
 
     def check_gamma(self, gamma):
         """The gamma policy to run: an engine gamma, or "auto" (the default once calibrated)."""

@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 
-from .cli import OneLineErrors, ShowDefaults, gamma_arg, run_cli
+from .cli import OneLineErrors, ShowDefaults, add_draft_policy_args, draft_policy, gamma_arg, run_cli
 from .errors import RequestError
 from .service import Busy, Service
 
@@ -103,7 +103,7 @@ class Metrics:
 
 
 def create_app(service: Service, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20):
-    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi import Depends, FastAPI, Request as HttpRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -116,17 +116,14 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, ma
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},
                             status_code=e.status)
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        try:
-            if api_key is not None and request.url.path != "/health":
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                    raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                   code="invalid_api_key")
-            return await call_next(request)
-        except ApiError as e:
-            return error_response(e)
+    def authorized(request: HttpRequest) -> None:
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+    keyed = [Depends(authorized)]
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -175,8 +172,9 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, ma
                 raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)",
                                param="prompt")
         limit = m.max_seq_len - 1
+        # OpenAI's defaults: 16 for completions; for chat, what the context leaves (None).
         max_tokens = _param(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", int,
-                            16 if not chat else limit, lambda x: 1 <= x <= limit, f"must be an integer in [1, {limit}]")
+                            None if chat else 16, lambda x: 1 <= x <= limit, f"must be an integer in [1, {limit}]")
         number = (int, float)
         params = dict(
             max_tokens=max_tokens,
@@ -288,15 +286,15 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, ma
 
         return StreamingResponse(body_iter(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: HttpRequest):
         return await complete(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: HttpRequest):
         return await complete(request, chat=True)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "magicdec-rt", "max_model_len": m.max_seq_len}]}
@@ -305,7 +303,7 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, ma
     async def health():
         return {"status": "ok" if service.alive else "error"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=keyed)
     async def prometheus():
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -324,6 +322,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", help="the model id clients name (default: the engine directory's name)")
     p.add_argument("--gamma", type=gamma_arg, default=None, help="draft length: an engine gamma or 'auto' (default: auto when "
                                                  "calibrated, else the engine's default)")
+    add_draft_policy_args(p)
     p.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot; more get 429")
     p.add_argument("--chunks-per-round", type=int, default=1,
                    help="prefill chunks run between decoding rounds: how long live rows stall for a new prompt")
@@ -342,7 +341,7 @@ def main(argv=None) -> int:
             raise RequestError(f"--port {args.port} is out of range [0, 65535]")
         if args.max_body_bytes < 1:
             raise RequestError(f"--max-body-bytes {args.max_body_bytes} is out of range: must be >= 1")
-        runtime = Runtime.load(args.engine)
+        runtime = Runtime.load(args.engine, draft_policy=draft_policy(args))
         try:
             service = Service(runtime, max_waiting=args.max_waiting, chunks_per_round=args.chunks_per_round,
                               gamma=args.gamma)

@@ -159,6 +159,7 @@ def test_build_refuses_to_overwrite_a_directory_that_is_not_an_engine(tmp_path, 
         ([], "no prompts: give them as arguments or with --prompts-file"),
         (["--prompts-file", "/no/file"], "prompts file '/no/file' does not exist"),
         (["--max-new-tokens", "500", "w1"], "beyond the engine's max_seq_len 128"),
+        (["--draft-policy", "snapkv", "w1"], "recent >= 1 with sinks + recent < budget (2 + 64 vs 8)"),
     ],
 )
 def test_generate_cli_errors_are_one_line_exit_2(tiny_engine, args, message, capsys):
@@ -232,3 +233,10 @@ def test_dtype_auto_follows_the_cpu_and_emulated_bf16_warns(tiny_hf, tmp_path, m
     with pytest.warns(RuntimeWarning, match=r"has no AMX or AVX-512-BF16, so torch emulates bfloat16: a batch-16 "
                                             r"576x1536 linear ran [0-9.]+x the float32 time here"):
         build_engine(tmp_path / "bf16", tiny_hf, dtype="bfloat16", **opts)
+
+
+def test_generate_cli_refuses_an_unknown_draft_policy(tiny_engine, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--engine", str(tiny_engine), "--draft-policy", "h2o", "w1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "argument --draft-policy: invalid choice: 'h2o'" in err

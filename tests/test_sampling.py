@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 
 from builders.build import build_engine
 from magicdec_rt import Runtime
+from magicdec_rt.kv_cache import DraftPolicy
 from magicdec_rt.sampling import (RowRules, SamplingParams, accept_matching, accept_rejection, gumbel_choice, noise,
                                   probabilities, sample)
 
@@ -135,6 +136,7 @@ def wide_tiny(tmp_path_factory):
     planned = shutil.copytree(engine, root / "planned")
     Runtime.load(planned).calibrate(repeats=1).save(planned)
     runtimes["auto"] = Runtime.load(planned)
+    runtimes["snapkv"] = Runtime.load(engine, draft_policy=DraftPolicy("snapkv", window=4, recent=2, pool=3))
     return runtimes, hf
 
 
@@ -158,9 +160,11 @@ def exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab):
 @pytest.mark.parametrize("sp, gamma, seeded", [(CONFIGS[0], 3, True), (CONFIGS[1], 3, True), (CONFIGS[2], 3, True),
                                                (CONFIGS[0], 0, True), (CONFIGS[1], "auto", True),
                                                (CONFIGS[0], 3, False), (CONFIGS[2], 3, False),
-                                               (CONFIGS[1], "auto", False)],
+                                               (CONFIGS[1], "auto", False), (CONFIGS[0], "snapkv", True),
+                                               (CONFIGS[2], "snapkv", False)],
                          ids=["t1", "t0.7-k4", "t1.3-p0.7", "t1-autoregressive", "t0.7-k4-planner",
-                              "t1-rejection", "t1.3-p0.7-rejection", "t0.7-k4-planner-rejection"])
+                              "t1-rejection", "t1.3-p0.7-rejection", "t0.7-k4-planner-rejection", "t1-snapkv",
+                              "t1.3-p0.7-snapkv-rejection"])
 def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma, seeded):
     """Tiny model, draft cache far smaller than the prompt (so drafts are often rejected): the joint
     of the first two generated tokens and the marginals of the 3rd and 4th (made of accepted
@@ -173,6 +177,8 @@ def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma, seeded
     vocab, N, n_tokens = 12, 3000, 4
     prompt = [int(t) for t in torch.randint(0, vocab, (14,), generator=torch.Generator().manual_seed(7))]
     torch.manual_seed(1000 * CONFIGS.index(sp) + 1)
+    if gamma == "snapkv":
+        gamma = 3
     outs = rt.generate([prompt] * N, max_new_tokens=n_tokens, temperature=sp.temperature,
                        top_k=sp.top_k, top_p=sp.top_p, seed=1000 * CONFIGS.index(sp) if seeded else None, gamma=gamma)
     stats = rt.last_stats

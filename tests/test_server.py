@@ -96,6 +96,8 @@ def test_completions_and_chat_match_offline_generate(serve, chat_engine):
         want = offline(chat_engine, messages, max_new_tokens=10, **kw)
         r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, **kw)
         assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+        r = c.chat.completions.create(model=MODEL, messages=messages, stop=want.text.split()[1], **kw)
+        assert want.text.startswith(r.choices[0].message.content) and r.choices[0].finish_reason == "stop"
         chunks = list(c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True,
                                                 stream_options={"include_usage": True}, **kw))
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
@@ -144,6 +146,16 @@ def test_client_disconnect_cancels_and_frees_the_slot(serve):
     # The waiting request is the only one done: it got the freed slot while the 7 others run.
     assert 'magicdec_requests_total{outcome="length"} 1.0' in metrics, metrics
     assert 'magicdec_requests_total{outcome="cancelled"} 1.0' in metrics, metrics
+    # A client of a non-streamed request that gives up waiting cancels it too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=dict(model=MODEL, prompt=PROMPT, max_tokens=LONG, temperature=0),
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    for _ in range(100):
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        if 'magicdec_requests_total{outcome="cancelled"} 2.0' in metrics:
+            break
+        threading.Event().wait(0.05)
+    assert 'magicdec_requests_total{outcome="cancelled"} 2.0' in metrics, metrics
     rest = ["".join(ch.choices[0].text for ch in it) for it in iters[1:]]
     assert all(len(t.split()) == LONG - 1 for t in rest)  # (the first token came with the first chunk)
 

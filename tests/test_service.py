@@ -138,6 +138,14 @@ def test_bad_requests_are_refused_before_anything_changes(service):
     assert svc.submit(PROMPTS[0], max_tokens=4).result().finish_reason == "length"
 
 
+def test_without_max_tokens_a_request_fills_the_context(service):
+    svc = service()
+    r = svc.submit(PROMPTS[1], max_tokens=None).result()
+    assert r.finish_reason == "length" and len(PROMPTS[1]) + len(r.token_ids) == 128
+    with pytest.raises(RequestError, match="prompt 0 has 128 tokens, leaving no room for new tokens"):
+        svc.submit([1] * 128, max_tokens=None)
+
+
 def test_a_runtime_under_a_service_refuses_direct_calls(service):
     svc = service()
     with pytest.raises(RuntimeError, match="run by a Service"):
