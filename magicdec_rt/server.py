@@ -301,7 +301,9 @@ def create_app(service: Service, model_name: str, api_key: str | None = None, ma
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if service.alive else "error"}
+        if service.alive:
+            return {"status": "ok"}
+        return JSONResponse({"status": "error", "detail": "the engine loop has stopped"}, status_code=503)
 
     @app.get("/metrics", dependencies=keyed)
     async def prometheus():
