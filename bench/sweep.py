@@ -9,7 +9,8 @@ missing, and calibrated for the planner). For every context C the B rows get C-t
 different documents from ``--corpus``; they are prefilled once (timed apart), and every mode then
 decodes ``--new-tokens`` tokens from that same prefilled state: our autoregressive decoding
 (gamma 0), MagicDec at each gamma, and the planner choosing gamma per round ("auto"), greedy and at
-each ``--temperature``. Hugging Face ``generate`` with its static cache decodes the same prompts
+each ``--temperature`` (sampled unseeded, by the rejection sampler, unless ``--seeded``). Hugging
+Face ``generate`` with its static cache decodes the same prompts
 (greedy, same dtype) as the outside baseline.
 
 Throughput is steady-state: tokens committed in the rounds where every row is live, over their
@@ -183,6 +184,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, help="runs of every mode, interleaved; the median is reported")
     p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"],
                    help="default: what --dtype auto picks on this CPU")
+    p.add_argument("--seeded", action="store_true", help="sample with seeds: drafter-invariant Gumbel sampling "
+                   "instead of the rejection sampler (sampling.py), whose acceptance is higher")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, help="results directory (default bench/results/sweep[-quick])")
@@ -219,7 +222,9 @@ def main() -> None:
                 for _ in range(cfg["repeats"]):
                     for w, policy, gamma in modes:
                         rt, fresh = runtimes[w, policy], not SweepCore.saved  # fresh: this run really prefills
-                        rt.generate(prompts, max_new_tokens=cfg["new_tokens"], temperature=temperature, seed=0, gamma=gamma)
+                        torch.manual_seed(0)  # unseeded requests draw their generators from it
+                        rt.generate(prompts, max_new_tokens=cfg["new_tokens"], temperature=temperature,
+                                    seed=0 if args.seeded else None, gamma=gamma)
                         s = dict(rt.last_stats)
                         runs[w, policy, gamma].append(s)
                         if fresh:

@@ -65,14 +65,17 @@ def add_draft_policy_args(p) -> None:
     p.add_argument("--draft-policy", choices=["streaming", "snapkv"], default="streaming",
                    help="what the draft cache keeps: StreamingLLM's sinks + recent window, or SnapKV's "
                         "per-head selection of the prompt + sinks + a recent ring")
-    p.add_argument("--draft-recent", type=int, default=64, help="snapkv: ring slots for the newest tokens")
-    p.add_argument("--draft-window", type=int, default=32, help="snapkv: prompt tokens whose attention selects")
+    p.add_argument("--draft-recent", type=int, default=128, help="snapkv: ring slots for the newest tokens")
+    p.add_argument("--draft-window", type=int, default=16, help="snapkv: prompt tokens whose attention selects")
+    p.add_argument("--draft-reselect", type=int, default=0,
+                   help="snapkv: select again every this many generated tokens (0: keep the prompt's selection)")
 
 
 def draft_policy(args):
     from .kv_cache import DraftPolicy
 
-    return DraftPolicy(args.draft_policy, window=args.draft_window, recent=args.draft_recent)
+    return DraftPolicy(args.draft_policy, window=args.draft_window, recent=args.draft_recent,
+                       reselect=args.draft_reselect)
 
 
 def read_prompts_file(name: str) -> list:

@@ -171,17 +171,22 @@ class EngineCore:
 
     def _fill_draft(self, b: int, prompt: list[int]) -> None:
         """The draft cache of a freshly prefilled row, by the cache's policy."""
-        P, policy, dev = len(prompt), self.draft.policy, self.device
-        if policy.kind != "snapkv" or P <= self.draft.budget:
-            self.draft.absorb(self.full, b, 0, P)
-            return
-        # The observation window re-runs over the cache of the tokens before it.
-        w = min(policy.window, P)
+        if self.draft.policy.kind != "snapkv" or len(prompt) <= self.draft.budget:
+            self.draft.absorb(self.full, b, 0, len(prompt))
+        else:
+            self._snap(b, prompt)
+
+    def _snap(self, b: int, tokens: list[int]) -> None:
+        """SnapKV selection for row ``b`` holding ``tokens`` (all committed, all in the full cache):
+        the newest ``window`` tokens re-run over the cache of those before them, and their
+        attention decides."""
+        L, dev = len(tokens), self.device
+        w = min(self.draft.policy.window, L)
         ck, cv = self.full.view(slice(b, b + 1))
         S = self.full.slots
-        scores = self.steps(f"observe@{S}", torch.tensor([prompt[P - w :]], device=dev),
-                            torch.arange(P - w, P, device=dev)[None], ck, cv, torch.tensor([P - w], device=dev))
-        self.draft.select(self.full, b, P, torch.cat((scores[:, 0, :, : P - w], scores[:, 0, :, S:]), dim=-1))
+        scores = self.steps(f"observe@{S}", torch.tensor([tokens[L - w :]], device=dev),
+                            torch.arange(L - w, L, device=dev)[None], ck, cv, torch.tensor([L - w], device=dev))
+        self.draft.select(self.full, b, L, torch.cat((scores[:, 0, :, : L - w], scores[:, 0, :, S:]), dim=-1))
 
     # ------------------------------------------------------------------ decoding
 
@@ -282,6 +287,8 @@ class EngineCore:
                     self.draft.absorb(self.full, b, self.lengths[b], self.lengths[b] + a + 1)
                 self.lengths[b] += a + 1
                 self.nxt[b] = extra[b]
+                if self.speculate and self.draft.due(b, self.lengths[b]):
+                    self._snap(b, (r.prompt + r.tokens)[: self.lengths[b]])
         round_s = time.perf_counter() - t_round
         totals.decode += round_s
         if steady:

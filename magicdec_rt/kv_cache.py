@@ -11,8 +11,10 @@ tokens of the round in flight. Two policies fill it (``DraftPolicy``):
   head the ``budget - sinks - recent`` prompt tokens that the prompt's last ``window`` queries
   attend to most (their attention summed over the window and the head's query group, max-pooled
   over neighbouring positions), then a ring of ``recent`` slots that rolls over the newest tokens
-  during decoding. Each head keeps its own positions; the selection stays fixed, as in MagicDec.
-  A prompt within the budget is kept whole and then rolls as ``streaming``.
+  during decoding. Each head keeps its own positions. The selection stays fixed, as in MagicDec,
+  or, with ``reselect``, is made again every ``reselect`` tokens from the newest ``window``
+  tokens' attention over everything committed. A prompt within the budget is kept whole and then
+  rolls as ``streaming``.
 
 Keys keep their *original* RoPE positions: contexts here never exceed the model's trained length,
 so the draft's attention is exactly the target's attention restricted to the kept tokens (whatever
@@ -106,9 +108,11 @@ class KVCache:
 @dataclass(frozen=True)
 class DraftPolicy:
     kind: str = "streaming"  # or "snapkv"
-    window: int = 32  # snapkv: the last prompt tokens whose attention scores the rest
-    recent: int = 64  # snapkv: ring slots for the newest tokens
+    # Defaults measured best of window 8-64 x recent 32-192 at budget 256 (bench/results/sweep-policy-*).
+    window: int = 16  # snapkv: the last prompt tokens whose attention scores the rest
+    recent: int = 128  # snapkv: ring slots for the newest tokens
     pool: int = 7  # snapkv: max-pooling width over neighbouring positions
+    reselect: int = 0  # snapkv: select again from the newest `window` tokens every this many tokens (0: never)
 
     KINDS = ("streaming", "snapkv")
 
@@ -116,9 +120,9 @@ class DraftPolicy:
         if self.kind not in self.KINDS:
             raise ValueError(f"draft policy {self.kind!r} is not one of {', '.join(self.KINDS)}")
         if self.kind == "snapkv" and not (1 <= self.recent and sinks + self.recent < budget and 1 <= self.window
-                                          and self.pool >= 1 and self.pool % 2):
-            raise ValueError(f"snapkv needs window >= 1, an odd pool >= 1 and recent >= 1 with sinks + recent < budget "
-                             f"({sinks} + {self.recent} vs {budget})")
+                                          and self.pool >= 1 and self.pool % 2 and self.reselect >= 0):
+            raise ValueError(f"snapkv needs window >= 1, an odd pool >= 1, reselect >= 0 and recent >= 1 with "
+                             f"sinks + recent < budget ({sinks} + {self.recent} vs {budget})")
 
 
 def snap_select(scores: torch.Tensor, sinks: int, keep: int, recent: int, pool: int) -> torch.Tensor:
@@ -140,6 +144,7 @@ class StreamingCache(KVCache):
         # Per row: the first slot of its ring (``sinks`` until a SnapKV selection puts the selected
         # tokens before it).
         self.ring_start = [sinks] * rows
+        self.selected_at = [None] * rows  # length at the row's last SnapKV selection (None: never)
         self.positions = torch.full((self.layers, rows, self.heads, budget), -1, dtype=torch.long)
 
     def valid(self, length: int) -> int:
@@ -168,7 +173,7 @@ class StreamingCache(KVCache):
         those that survive (sinks and the newest ring's worth), so no ring slot is written twice.
         ``start == 0`` starts the row afresh (a new request in the slot)."""
         if start == 0:
-            self.ring_start[row] = self.sinks
+            self.ring_start[row], self.selected_at[row] = self.sinks, None
             self.positions[:, row] = -1
         window_start = max(self.ring_start[row], end - (self.budget - self.ring_start[row]))
         pos = torch.arange(start, end)
@@ -176,15 +181,20 @@ class StreamingCache(KVCache):
         if pos.numel():
             self._put(full, row, self._ring_slot(row, pos), pos)
 
+    def due(self, row: int, length: int) -> bool:
+        """Whether ``row``, now ``length`` tokens long, is due for a new SnapKV selection."""
+        at, every = self.selected_at[row], self.policy.reselect
+        return at is not None and every > 0 and length - at >= every
+
     def select(self, full: KVCache, row: int, length: int, scores: torch.Tensor) -> None:
-        """Fill ``row`` for a prompt of ``length`` > budget tokens by SnapKV, from the observation
-        window's ``scores [layers, heads, length]``."""
+        """Fill ``row`` holding ``length`` > budget committed tokens by SnapKV, from the
+        observation window's ``scores [layers, heads, length]``."""
         p, s = self.policy, self.sinks
         keep = self.budget - s - p.recent
         self.positions[:, row] = -1
         self._put(full, row, torch.arange(s), torch.arange(s))
         chosen = snap_select(scores, s, keep, p.recent, p.pool)
         self._put(full, row, torch.arange(s, s + keep), chosen)
-        self.ring_start[row] = s + keep
+        self.ring_start[row], self.selected_at[row] = s + keep, length
         recent = torch.arange(length - p.recent, length)
         self._put(full, row, self._ring_slot(row, recent), recent)

@@ -14,6 +14,7 @@ from .test_runtime import MIXED
 
 # The tiny engine: 2 sinks, budget 8. SnapKV keeps 4 selected positions per head and a ring of 2.
 SNAP = DraftPolicy("snapkv", window=5, recent=2, pool=3)
+RESELECT = DraftPolicy("snapkv", window=5, recent=2, pool=3, reselect=7)  # and again every 7 tokens
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,11 @@ def test_snapkv_selection_equals_the_reference_from_transformers_attention(snap_
     assert len({tuple(h.tolist()) for h in want.reshape(-1, keep)}) > 1
 
 
-@pytest.mark.parametrize("policy", [DraftPolicy(), SNAP], ids=["streaming", "snapkv"])
+@pytest.mark.parametrize("policy", [DraftPolicy(), SNAP, RESELECT], ids=["streaming", "snapkv", "snapkv-reselect"])
 def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
     """After a long generation, each slot holds the K/V of the position the policy says, and nothing
-    the policy dropped: sinks, (SnapKV's selection,) and the newest committed positions."""
+    the policy dropped: sinks, (SnapKV's selection, made from the prompt or, re-selecting, from
+    everything committed at the last selection,) and the newest committed positions."""
     rt = Runtime.load(tiny_engine, draft_policy=policy)
     prompt = MIXED[3]  # 40 tokens
     rt.generate([prompt], max_new_tokens=50, gamma=3)
@@ -60,7 +62,12 @@ def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
     assert sorted(held[0, 0, 8 - ring :].tolist()) == list(range(length - ring, length))
     assert (held[:, :, :2] == torch.arange(2)).all()
     if policy.kind == "snapkv":
-        assert rt.draft.ring_start[0] == 6 and (held[:, :, 2:6] < len(prompt) - SNAP.recent).all()
+        at = rt.draft.selected_at[0]
+        assert rt.draft.ring_start[0] == 6 and (held[:, :, 2:6] < at - SNAP.recent).all()
+        if policy.reselect:
+            assert length - 7 < at <= length and (held[:, :, 2:6] >= len(prompt)).any()  # generated tokens chosen
+        else:
+            assert at == len(prompt)
     # The K/V in each slot are the full cache's at the recorded position.
     for layer in (0, 1):
         for h in range(held.shape[1]):
@@ -69,12 +76,13 @@ def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
             torch.testing.assert_close(rt.draft.v[layer, 0, h, :8], rt.full.v[layer, 0, h, pos], rtol=0, atol=0)
 
 
-def test_greedy_speculation_with_snapkv_equals_autoregressive(snap_runtime, tiny_runtime):
+def test_greedy_speculation_with_snapkv_equals_autoregressive(snap_runtime, tiny_runtime, tiny_engine):
     ar = [r.token_ids for r in tiny_runtime.generate(MIXED, max_new_tokens=40, gamma=0)]
-    for gamma in (1, 3, 4):
-        got = [r.token_ids for r in snap_runtime.generate(MIXED, max_new_tokens=40, gamma=gamma)]
-        assert got == ar, gamma
-        assert 0 < snap_runtime.last_stats["acceptance_rate"] < 1
+    for rt in (snap_runtime, Runtime.load(tiny_engine, draft_policy=RESELECT)):
+        for gamma in (1, 3, 4):
+            got = [r.token_ids for r in rt.generate(MIXED, max_new_tokens=40, gamma=gamma)]
+            assert got == ar, gamma
+            assert 0 < rt.last_stats["acceptance_rate"] < 1
 
 
 def test_seeded_sampling_with_snapkv_equals_autoregressive(snap_runtime, tiny_runtime):
@@ -87,6 +95,7 @@ def test_seeded_sampling_with_snapkv_equals_autoregressive(snap_runtime, tiny_ru
     (DraftPolicy("h2o"), "draft policy 'h2o' is not one of streaming, snapkv"),
     (DraftPolicy("snapkv", recent=6), r"snapkv needs .* \(2 \+ 6 vs 8\)"),
     (DraftPolicy("snapkv", pool=4), "an odd pool"),
+    (DraftPolicy("snapkv", recent=2, reselect=-1), "reselect >= 0"),
 ])
 def test_bad_policies_are_refused(tiny_engine, policy, message):
     with pytest.raises(EngineError, match=message):
