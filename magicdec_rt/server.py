@@ -319,8 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine", required=True, help="engine directory (from magicdec-build)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
-    p.add_argument("--api-key", default=os.environ.get("MAGICDEC_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (env MAGICDEC_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                      "(default: the environment variable MAGICDEC_API_KEY, else no key)")
     p.add_argument("--model-name", help="the model id clients name (default: the engine directory's name)")
     p.add_argument("--gamma", type=gamma_arg, default=None, help="draft length: an engine gamma or 'auto' (default: auto when "
                                                  "calibrated, else the engine's default)")
@@ -331,6 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
+    args.api_key = args.api_key or os.environ.get("MAGICDEC_API_KEY") or None
 
     def run():
         from pathlib import Path
