@@ -192,3 +192,30 @@ def test_prefill_interleaves_with_decoding(tiny_engine):
         runs = "".join("p" if k == "prefill" else "r" for k in log)
         longest = max(len(run) for run in runs.split("r"))
         assert longest == most, runs
+
+
+def test_a_failing_turn_ends_its_requests_with_error_and_the_service_goes_on(service, caplog):
+    """A step that raises (here: the first verify after a trap is set) ends the requests in the
+    core with "error", logs the traceback, and the next request is served normally."""
+    svc = service()
+    core = svc.core
+    real = core.steps
+
+    class Trap:
+        """The engine's steps, except that the next verify raises once."""
+
+        armed = True
+        device, model = real.device, real.model
+
+        def __call__(self, name, *inputs):
+            if name.startswith("verify") and Trap.armed:
+                Trap.armed = False
+                raise RuntimeError("injected step failure")
+            return real(name, *inputs)
+
+    core.steps = Trap()
+    r = svc.submit(PROMPTS[0][:5], max_tokens=20).result()
+    assert r.finish_reason == "error" and svc.errors == 1 and svc.alive
+    assert "injected step failure" in caplog.text
+    again = svc.submit(PROMPTS[0][:5], max_tokens=6).result()
+    assert again.finish_reason == "length" and len(again.token_ids) == 6
