@@ -123,11 +123,14 @@ class EngineCore:
     def _bucket(self, slots: int) -> int:
         return self.manifest.bucket(min(max(slots, 1), self.manifest.max_seq_len))
 
+    def _held(self) -> list[int]:
+        """Cache slots each occupied row holds."""
+        return [n for n, r in zip(self.lengths, self.slots) if r is not None] or [0]
+
     def fit(self, slots: int) -> None:
         """Lay the full cache out at the smallest bucket holding ``slots`` slots and every
         occupied row's tokens (a smaller layout would drop them)."""
-        held = max((n for n, r in zip(self.lengths, self.slots) if r is not None), default=0)
-        self.full.resize(self._bucket(max(slots, held)))
+        self.full.resize(self._bucket(max(slots, *self._held())))
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the oldest prefilling request; its first token once its prompt is in."""
@@ -250,7 +253,9 @@ class EngineCore:
         before = sum(len(self.slots[b].tokens) for b in live)
         g = self.gamma
         if g == "auto":
-            g = self.planner.choose(self._bucket(longest + m.max_gamma + 1), rules.greedy)
+            # Each gamma at the bucket its round would run at (fit below).
+            buckets = {g: self._bucket(max(longest + g + 1, *self._held())) for g in self.planner.gammas}
+            g = self.planner.choose(buckets, rules.greedy)
         e, u = self._randomness(rules, g)
         L = torch.tensor(self.lengths, device=dev)
         x = torch.tensor(self.nxt, device=dev)

@@ -143,12 +143,15 @@ class Planner:
         scale = self.cost_scale.get(gamma, sum(seen) / len(seen) if seen else 1.0)
         return scale * self.calibrated_ms(gamma, bucket, greedy)
 
-    def speedup(self, gamma: int, bucket: int, greedy: bool, alphas=None) -> float:
-        """Predicted throughput of ``gamma`` over autoregressive decoding at ``bucket``."""
+    def speedup(self, gamma: int, bucket, greedy: bool, alphas=None) -> float:
+        """Predicted throughput of ``gamma`` over autoregressive decoding at ``bucket`` (or, a dict,
+        each gamma at its own bucket: a round of more drafts may need a larger one)."""
+        at = bucket if isinstance(bucket, dict) else {0: bucket, gamma: bucket}
         alphas = self.acceptance[mode(greedy)].alphas() if alphas is None else alphas
-        return omega(alphas[:gamma]) * self.cost_ms(0, bucket, greedy) / self.cost_ms(gamma, bucket, greedy)
+        return omega(alphas[:gamma]) * self.cost_ms(0, at[0], greedy) / self.cost_ms(gamma, at[gamma], greedy)
 
-    def choose(self, bucket: int, greedy: bool) -> int:
+    def choose(self, bucket, greedy: bool) -> int:
+        """The gamma to run next; ``bucket`` as for ``speedup``."""
         best = max(self.gammas, key=lambda g: (self.speedup(g, bucket, greedy), -g))
         if best == 0:
             self._since_draft += 1

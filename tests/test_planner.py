@@ -44,6 +44,18 @@ def test_planner_picks_the_gamma_with_the_best_predicted_speedup():
     assert p.choose(16, greedy=True) == max(want, key=want.get) == 3
 
 
+def test_each_gamma_is_costed_at_the_bucket_its_round_would_run_at():
+    """Rows at 13 slots: gamma <= 2 rounds fit the 16-slot bucket, longer ones need 32, where a
+    verify costs twice as much. Costing every gamma at 32 (the old way) would pick gamma 4."""
+    p = Planner(calibration(0.5), GAMMAS, [16, 32])  # verify: slots / 10 ms, any gamma
+    at = {g: 16 if 13 + g + 1 <= 16 else 32 for g in GAMMAS}
+    alphas = p.acceptance["greedy"].alphas()
+    want = {g: omega(alphas[:g]) * 1.6 / (0.5 * g + at[g] / 10) for g in GAMMAS}
+    assert {g: p.speedup(g, at, True) for g in GAMMAS} == pytest.approx(want)
+    assert p.choose(at, True) == max(want, key=want.get) == 2
+    assert p.choose(32, True) == 4
+
+
 def test_planner_turns_speculation_off_where_it_loses_and_probes_back():
     p = Planner(calibration(0.5, lambda g, s: 2.0 + g), GAMMAS, [16, 32], probe_every=4)
     assert p.choose(16, True) > 0  # the prior (0.8) makes speculation worth it
