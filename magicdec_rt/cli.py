@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,15 +42,37 @@ class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def run_cli(prog: str, fn) -> int:
     try:
-        return fn()
+        code = fn()
     except MagicDecError as e:
         error_line(f"{prog}: error: {e}")
-        return 2
-    finally:
-        if "torch" in sys.modules:  # else no process group can exist
-            from .parallel import shutdown
+        code = 2
+    except BaseException:
+        _leave_group(None)
+        raise
+    _leave_group(code)
+    return code
 
-            shutdown()
+
+def _leave_group(code: int | None) -> None:
+    """Under tensor parallelism (torchrun), wait for the other ranks; then, when the command is
+    done (``code``), exit at once: tearing gloo's process group down at exit can abort a rank
+    ("terminate called without an active exception"; seen about once in 20 runs even after a
+    barrier), which would fail a command that succeeded. With an exception in flight the group
+    is destroyed normally and the exception propagates."""
+    if "torch" not in sys.modules:  # else no process group can exist
+        return
+    from .parallel import shutdown
+
+    if code is None:
+        shutdown()
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def gamma_arg(text: str):
