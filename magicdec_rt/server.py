@@ -13,7 +13,6 @@ prometheus-client).
 """
 
 
-import argparse
 import asyncio
 import hmac
 import json
