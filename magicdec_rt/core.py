@@ -193,12 +193,13 @@ class EngineCore:
 
     # ------------------------------------------------------------------ decoding
 
-    def _randomness(self, rules: RowRules, g: int):
-        """This round's noise ``[B, g+1, V]`` for seeded rows (positions ``length + 1 + i``) and
-        uniforms ``[B, 2g+1]`` for unseeded ones (g to draw the drafts, then g to accept them and
-        one for the extra token: every decision its own), or None where no row needs them."""
+    def _randomness(self, live: list[int], g: int):
+        """This round's noise ``[B, g+1, V]`` for live seeded rows (positions ``length + 1 + i``)
+        and uniforms ``[B, 2g+1]`` for live unseeded ones (g to draw the drafts, then g to accept
+        them and one for the extra token: every decision its own), or None where no row needs them.
+        Rows not live draw nothing."""
         B, V = self.manifest.max_batch, self.manifest.model.vocab_size
-        seeded = [b for b, r in enumerate(self.slots) if r is not None and r.rule[1] and b not in self.filling]
+        seeded = [b for b in live if self.slots[b].rule[1]]
         e = None
         if seeded:
             e = torch.empty(B, g + 1, V, dtype=torch.float64)
@@ -207,9 +208,9 @@ class EngineCore:
                 e[b] = torch.stack([noise(r.seed, L + 1 + i, V) for i in range(g + 1)])
             e = e.to(self.device)
         u = None
-        if any(r is not None and r.gen is not None for r in self.slots):
-            u = torch.stack([torch.zeros(2 * g + 1) if r is None else r.uniforms(2 * g + 1)
-                             for r in self.slots]).to(self.device)
+        if any(self.slots[b].gen is not None for b in live):
+            u = torch.stack([self.slots[b].uniforms(2 * g + 1) if b in live else torch.zeros(2 * g + 1)
+                             for b in range(B)]).to(self.device)
         return e, u
 
     def _draft_round(self, gamma: int, rules: RowRules, x, L, base, e, u):
@@ -256,7 +257,7 @@ class EngineCore:
             # Each gamma at the bucket its round would run at (fit below).
             buckets = {g: self._bucket(max(longest + g + 1, *self._held())) for g in self.planner.gammas}
             g = self.planner.choose(buckets, rules.greedy)
-        e, u = self._randomness(rules, g)
+        e, u = self._randomness(live, g)
         L = torch.tensor(self.lengths, device=dev)
         x = torch.tensor(self.nxt, device=dev)
         # gamma = 0: nothing to accept

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -130,7 +131,7 @@ class Runtime:
     def _drive(self, requests, gamma):
         call, core = self._take_over(), self.core
         core.gamma, core.totals = gamma, Totals(target_rows=min(len(requests), self.manifest.max_batch))
-        events = []
+        events = deque()
         for r in requests:
             r.sink = events.append
             core.add(r)
@@ -141,7 +142,7 @@ class Runtime:
                 if not events:
                     core.step()
                 while events:
-                    ev = events.pop(0)
+                    ev = events.popleft()
                     bar.update(len(ev.token_ids))
                     yield ev
                     if self._call != call:

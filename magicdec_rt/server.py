@@ -82,6 +82,7 @@ class Metrics:
                               registry=r)
         self.itl = Histogram("magicdec_inter_token_latency_seconds", "Time per output token after the first",
                              buckets=buckets, registry=r)
+        self._totals = {"drafted": 0, "accepted": 0, "row_rounds": 0}  # the gauges' running sums
         service.core.observer = self.observe
 
     def observe(self, info: dict) -> None:  # on the core's thread
@@ -94,11 +95,13 @@ class Metrics:
         self.draft_tokens.inc(info["drafted"])
         self.accepted_tokens.inc(info["accepted"])
         self.row_rounds.inc(info["live"])
-        drafted, rounds = self.draft_tokens._value.get(), self.row_rounds._value.get()
-        accepted = self.accepted_tokens._value.get()
-        if drafted:
-            self.acceptance.set(accepted / drafted)
-        self.accepted_length.set(1 + accepted / rounds)
+        t = self._totals
+        t["drafted"] += info["drafted"]
+        t["accepted"] += info["accepted"]
+        t["row_rounds"] += info["live"]
+        if t["drafted"]:
+            self.acceptance.set(t["accepted"] / t["drafted"])
+        self.accepted_length.set(1 + t["accepted"] / t["row_rounds"])
 
 
 def create_app(service: Service, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20):
