@@ -79,11 +79,12 @@ def test_kernel_matches_reference(isa, dtype, shape):
         attention.set_isa(attention.DEFAULT_ISA)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T", range(1, 17))
-def test_every_block_length_and_per_row_lengths(T):
-    q, kc, vc, lengths, kn, vn = case(7, 3, 3, T, 96, 64, torch.float32, seed=T)
+def test_every_block_length_and_per_row_lengths(T, dtype):
+    q, kc, vc, lengths, kn, vn = case(7, 3, 3, T, 96, 64, dtype, seed=T)
     out = torch.ops.magicdec.attention(q, kc, vc, lengths, kn, vn, 0.125)
-    check_close(out, torch.float32, q, kc, vc, lengths, kn, vn, 0.125)
+    check_close(out, dtype, q, kc, vc, lengths, kn, vn, 0.125)
 
 
 def test_rows_without_keys_return_zeros_and_lengths_past_the_cache_mean_all_of_it():

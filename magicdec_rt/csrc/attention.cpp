@@ -21,8 +21,8 @@
 //
 // Dispatch: one generic kernel written with GCC vector extensions, compiled three times
 // (always_inline into functions with a target attribute): AVX-512 (16 lanes), AVX2+FMA (8 lanes)
-// and portable (4 lanes, the baseline ISA); plus an AVX512-BF16 variant for bf16 caches and few
-// rows (struct Bf16). Chosen at run time from the CPU's features (set_isa overrides).
+// and portable (4 lanes, the baseline ISA); plus AVX512-BF16 variants for bf16 caches (struct
+// Bf16: keys in lanes for up to 3 rows, rows in lanes beyond). Chosen at run time from the CPU's features (set_isa overrides).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -400,17 +400,20 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 #include <immintrin.h>
 #define ISA_AVX512BF16 "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c"
 
-// bfloat16 caches on CPUs with AVX512-BF16 (for up to NATURAL_ROWS query rows): q.k and p.v as
+// bfloat16 caches on CPUs with AVX512-BF16: q.k and p.v as
 // dot products of bf16 pairs (vdpbf16ps: exact products, float32 sums) read straight from the
 // cache, so K is never widened and V only interleaved by key pairs. q is rounded to bf16 (exact
 // when the model runs in bf16) and the softmax weights are rounded to bf16 before p.v, as a bf16
 // GEMM would; the softmax itself stays float32. Scores are computed keys-in-lanes (as
 // Kernel::block_natural); accumulators hold their dims in the order unpack gives them, and
 // are put back in order at the end of the item.
-// Measured on an AVX512-BF16 EPYC: faster than the float32 paths up to 6 query rows per KV head
-// (1.15x at 6), slower beyond (a rows-in-lanes bf16 variant was tried: 1.15x slower than float32
-// rows in lanes at 9-15 rows), so more rows go to Kernel<16, D>.
-constexpr int NATURAL_ROWS = 6;
+// Up to NATURAL_ROWS query rows per KV head (decode and draft steps at group size 3) go keys in
+// lanes (`item`); more rows go rows in lanes (`item_lanes`). Measured on an AVX512-BF16 EPYC at
+// B16 x 7680 slots (bench/roofline.py): keys in lanes matches the float32 path at 1-3 rows;
+// rows in lanes beats keys in lanes from 4 rows (3.0-3.2 vs 3.9-4.2 ms at 4-6) and the float32
+// rows-in-lanes path by 1.2-1.4x at 7-21 rows (verify steps).
+constexpr int NATURAL_ROWS = 3;
+constexpr int PREFETCH_KEYS = 128;  // how far ahead of the block being computed the cache is fetched
 
 template <int D>
 struct Bf16 {
@@ -441,9 +444,22 @@ struct Bf16 {
     }
   }
 
-  // V of slots [s, s + BK) (those below nk) interleaved by key pairs for vdpbf16ps.
-  __attribute__((target(ISA_AVX512BF16))) static void interleave(const uint16_t* vc, int64_t s, int nk, __m512i (*Vp)[A]) {
-    for (int p = 0; p < BK / 2; ++p)
+  // Slots [s, s + n) below hi of both planes towards the cache, some blocks before they are read:
+  // with more compute per block (rows in lanes) the hardware prefetcher alone fell behind
+  // (measured at 12 query rows, B16 x 7680 slots: 440 ns per 16-key block without, 330-375 with,
+  // 295 with the cache in L2). Keys in lanes (few rows) ran no faster with it.
+  static INLINE void prefetch(const uint16_t* kc, const uint16_t* vc, int64_t s, int64_t hi, int n) {
+    const int64_t end = std::min<int64_t>(s + n, hi);
+    for (int64_t b = s * D * 2; b < end * D * 2; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(kc) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(vc) + b, _MM_HINT_T0);
+    }
+  }
+
+  // V of slots [s, s + 2 * pairs) (those below nk) interleaved by key pairs for vdpbf16ps.
+  __attribute__((target(ISA_AVX512BF16))) static void interleave(const uint16_t* vc, int64_t s, int nk, __m512i (*Vp)[A],
+                                                                  int pairs = BK / 2) {
+    for (int p = 0; p < pairs; ++p)
       for (int z = 0; z < Z; ++z) {
         const int j = 2 * p;
         const __m512i v0 = j < nk ? _mm512_loadu_si512(vc + (s + j) * D + 32 * z) : _mm512_setzero_si512();
@@ -493,7 +509,11 @@ struct Bf16 {
       }
       pv(acc, R, &P[0][0], BK / 2, 1, cr, Vp, (nk + 1) / 2);
     }
-    // Accumulator 2z+h, lane 4L+e holds dim 32z + 8L + 4h + e (unpack works within 128-bit lanes).
+    unpermute(acc, R);
+  }
+
+  // Accumulator 2z+h, lane 4L+e holds dim 32z + 8L + 4h + e (unpack works within 128-bit lanes).
+  static INLINE void unpermute(float* acc, int R) {
     for (int i = 0; i < R; ++i) {
       float t[D];
       for (int z = 0; z < Z; ++z)
@@ -503,11 +523,149 @@ struct Bf16 {
       std::memcpy(acc + i * D, t, sizeof t);
     }
   }
+
+  // Query rows in lanes (more than NATURAL_ROWS rows): the queries of 16 rows as bf16 pairs Qp [D/2]
+  // (lane r: row r's dims 2j, 2j+1), and each key pair of dims broadcast from the cache, so one
+  // vdpbf16ps computes a 2-dim slice of 16 rows' scores for one key, with no transpose and no
+  // widening. Scores land one vector per key with the rows in lanes: the softmax's row maxima and
+  // sums are lane-wise. Weights go to bf16 key pairs per row for p.v, as in `item`.
+  static constexpr int LK = 16;                               // keys per block (one accumulator each)
+  static constexpr int LT = (28 / A - 1) > 6 ? 6 : 28 / A - 1;  // query rows per p.v tile: LT*A + A registers
+
+  // 2^x for x <= 0 to ~2e-7 relative, as Vec::exp2 in half its instructions: x = n + f with
+  // n = round(x), |f| <= 1/2; 2^f by Cephes' exp2f polynomial; scalef applies 2^n (and makes
+  // 2^-inf exactly 0).
+  __attribute__((target(ISA_AVX512BF16))) static INLINE __m512 exp2(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+
+  template <int NR>
+  __attribute__((target(ISA_AVX512BF16))) static INLINE void pv_tile(float* acc, const uint32_t* W, const float* cr,
+                                                                      const __m512i (*Vp)[A], int pairs) {
+    __m512 o[NR][A];
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < A; ++c) o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * c), _mm512_set1_ps(cr[r]));
+    for (int p = 0; p < pairs; ++p) {
+      __m512i v[A];
+      for (int c = 0; c < A; ++c) v[c] = _mm512_load_si512(&Vp[p][c]);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(int(W[p * 16 + r]));
+        for (int c = 0; c < A; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], (__m512bh)v[c], w);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < A; ++c) _mm512_storeu_ps(acc + r * D + 16 * c, o[r][c]);
+  }
+
+  template <int NR = LT>
+  __attribute__((target(ISA_AVX512BF16))) static INLINE void pv_rows(float* acc, int rows, const uint32_t* W,
+                                                                      const float* cr, const __m512i (*Vp)[A], int pairs) {
+    if constexpr (NR > 0) {
+      if (rows >= NR) {
+        for (; rows >= NR; rows -= NR, acc += NR * D, W += NR, cr += NR) pv_tile<NR>(acc, W, cr, Vp, pairs);
+      }
+      if (rows > 0) pv_rows<NR - 1>(acc, rows, W, cr, Vp, pairs);
+    }
+  }
+
+  // One block of nk <= LK keys (K rows at kb, stride D) for the <= 16 query rows of Qp.
+  __attribute__((target(ISA_AVX512BF16))) static INLINE void lanes_block(const __m512i* Qp, int rows, float qscale,
+                                                                          const uint16_t* kb, const __m512i (*Vp)[A],
+                                                                          int nk, float* m, float* l, float* acc) {
+    __m512 s[LK];
+    for (int k = 0; k < LK; ++k) s[k] = _mm512_setzero_ps();
+    for (int j = 0; j < D / 2; ++j) {
+      const __m512bh qv = (__m512bh)_mm512_load_si512(Qp + j);
+      for (int k = 0; k < LK; ++k) {
+        int32_t pair;
+        std::memcpy(&pair, kb + k * D + 2 * j, sizeof pair);
+        s[k] = _mm512_dpbf16_ps(s[k], qv, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+    using V = Vec<16>;
+    const F ninf = V::splat(-INFINITY);
+    F mx = ninf;
+    for (int k = 0; k < nk; ++k) mx = V::max(mx, (F)s[k] * qscale);
+    const F m_old = V::load(m), m_new = V::max(m_old, mx);  // finite: nk >= 1
+    const F corr = (F)exp2((__m512)(m_old - m_new));
+    F sum = F{};
+    for (int k = 0; k < LK; ++k) {
+      const F p = k < nk ? (F)exp2((__m512)((F)s[k] * qscale - m_new)) : F{};
+      sum += p;
+      s[k] = (__m512)p;
+    }
+    V::store(m, m_new);
+    V::store(l, V::load(l) * corr + sum);
+    alignas(64) float cr[16];
+    V::store(cr, corr);
+    // Key pair p's weights for row r as one bf16 pair (key 2p low), at W[p * 16 + r].
+    alignas(64) uint32_t W[LK / 2 * 16];
+    const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int p = 0; p < LK / 2; ++p)
+      _mm512_store_si512(W + p * 16, _mm512_permutexvar_epi16(zip, (__m512i)_mm512_cvtne2ps_pbh(s[2 * p + 1], s[2 * p])));
+    pv_rows(acc, rows, W, cr, Vp, (nk + 1) / 2);
+  }
+
+  __attribute__((target(ISA_AVX512BF16))) static void item_lanes(const Args& a, int64_t w) {
+    const auto [bh, lo, hi, m, l, acc] = start_item(a, w);
+    if (lo >= hi) return;
+    const int64_t R = a.R, groups = (R + 15) / 16;
+    const uint16_t* kc = static_cast<const uint16_t*>(a.kc) + bh * a.S * D;
+    const uint16_t* vc = static_cast<const uint16_t*>(a.vc) + bh * a.S * D;
+    const float* q = a.q + bh * R * D;
+    constexpr int MAXG = 4;  // up to 64 query rows held as pairs at a time
+    alignas(64) __m512i Qp[MAXG][D / 2];
+    alignas(64) uint16_t tail[LK * D];  // a last partial block, so no slot at or past hi is read
+    alignas(64) __m512i Vp[LK / 2][A];
+    for (int64_t g0 = 0; g0 < groups; g0 += MAXG) {
+      const int64_t ng = std::min<int64_t>(MAXG, groups - g0);
+      for (int64_t g = 0; g < ng; ++g)
+        for (int j = 0; j < D / 2; ++j) {
+          alignas(64) float lo_[16], hi_[16];
+          for (int r = 0; r < 16; ++r) {
+            const int64_t row = (g0 + g) * 16 + r;
+            lo_[r] = row < R ? q[row * D + 2 * j] : 0.0f;
+            hi_[r] = row < R ? q[row * D + 2 * j + 1] : 0.0f;
+          }
+          const __m512 zl = _mm512_load_ps(lo_), zh = _mm512_load_ps(hi_);
+          const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+          Qp[g][j] = _mm512_permutexvar_epi16(zip, (__m512i)_mm512_cvtne2ps_pbh(zh, zl));
+        }
+      for (int64_t s = lo; s < hi; s += LK) {
+        const int nk = int(std::min<int64_t>(LK, hi - s));
+        prefetch(kc, vc, s + PREFETCH_KEYS, hi, LK);
+        const uint16_t* kb = kc + s * D;
+        if (nk < LK) {
+          std::memset(tail, 0, sizeof tail);
+          std::memcpy(tail, kb, sizeof(uint16_t) * nk * D);
+          kb = tail;
+        }
+        interleave(vc, s, nk, Vp, LK / 2);
+        for (int64_t g = 0; g < ng; ++g) {
+          const int64_t o = (g0 + g) * 16;
+          lanes_block(Qp[g], int(std::min<int64_t>(16, R - o)), a.qscale, kb, Vp, nk, m + o, l + o, acc + o * D);
+        }
+      }
+    }
+    unpermute(acc, int(R));
+  }
 };
 
 __attribute__((target(ISA_AVX512BF16))) void items_avx512bf16(const Args& a, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; ++w) {
-    if (a.dtype != 1 || a.R > NATURAL_ROWS) run_items<16>(a, w, w + 1);
+    if (a.dtype != 1) run_items<16>(a, w, w + 1);
+    else if (a.R > NATURAL_ROWS) a.d == 64 ? Bf16<64>::item_lanes(a, w) : Bf16<128>::item_lanes(a, w);
     else if (a.d == 64) Bf16<64>::item(a, w);
     else Bf16<128>::item(a, w);
   }
