@@ -78,21 +78,23 @@ def sweep_runtime_class():
     return SweepRuntime, SweepCore
 
 
-def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, gammas: list[int], dtype: str) -> Path:
-    """An eager engine with one context bucket per swept context (each just large enough), so every
+def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, gammas: list[int], dtype: str,
+               backend: str = "eager") -> Path:
+    """An engine with one context bucket per swept context (each just large enough), so every
     point runs at a bucket that fits it rather than at the next power of two."""
     from builders.build import build_engine
     from magicdec_rt.engine import read_manifest
 
     buckets = [c + new_tokens + 8 for c in sorted(contexts)]
-    path = ROOT / "engines" / f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}"
+    name = f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}"
+    path = ROOT / "engines" / (name if backend == "eager" else f"{name}-{backend}")
     if (path / "manifest.json").is_file() and set(gammas) <= set(read_manifest(path).gammas):
         if not (path / "calibration.json").is_file():
             from magicdec_rt.cli import calibrate
 
             calibrate(path)
         return path
-    return build_engine(path, max_batch=batch, max_seq_len=buckets[-1], buckets=buckets, dtype=dtype,
+    return build_engine(path, backend=backend, max_batch=batch, max_seq_len=buckets[-1], buckets=buckets, dtype=dtype,
                         draft_budget=budget, gammas=gammas, default_gamma=gammas[-1], show_progress=False,
                         calibrate=True)
 
@@ -187,6 +189,8 @@ def main() -> None:
     p.add_argument("--seeded", action="store_true", help="sample with seeds: drafter-invariant Gumbel sampling "
                    "instead of the rejection sampler (sampling.py), whose acceptance is higher")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
+    p.add_argument("--backend", default="eager", choices=["eager", "aoti"],
+                   help="engine backend (aoti: AOTInductor graphs, built once per point and kept under engines/)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, help="results directory (default bench/results/sweep[-quick])")
     args = p.parse_args()
@@ -202,7 +206,8 @@ def main() -> None:
     SweepRuntime, SweepCore = sweep_runtime_class()
     points, hf, prefill = [], [], []
     for batch in cfg["batch"]:
-        engines = {w: engine_for(batch, w, cfg["context"], cfg["new_tokens"], gammas, args.dtype) for w in cfg["budget"]}
+        engines = {w: engine_for(batch, w, cfg["context"], cfg["new_tokens"], gammas, args.dtype, args.backend)
+                   for w in cfg["budget"]}
         runtimes = {}
         for w, eng in engines.items():
             for policy in args.policy:
@@ -250,7 +255,7 @@ def main() -> None:
                       file=sys.stderr)
         del runtimes, first
         SweepCore.saved.clear()
-    report = {"command": " ".join(sys.argv), "config": cfg, "dtype": args.dtype, "backend": "eager",
+    report = {"command": " ".join(sys.argv), "config": cfg, "dtype": args.dtype, "backend": args.backend,
               "machine": cpu.describe(),
               "read_bandwidth_GB_s": bw / 1e9, "matmul_GFLOP_s": mm / 1e9, "wall_s": time.perf_counter() - t_start,
               "prefill": prefill, "hf_generate": hf, "points": points}

@@ -21,8 +21,8 @@
 //
 // Dispatch: one generic kernel written with GCC vector extensions, compiled three times
 // (always_inline into functions with a target attribute): AVX-512 (16 lanes), AVX2+FMA (8 lanes)
-// and portable (4 lanes, the baseline ISA); plus AVX512-BF16 variants for bf16 caches (struct
-// Bf16: keys in lanes for up to 3 rows, rows in lanes beyond). Chosen at run time from the CPU's features (set_isa overrides).
+// and portable (4 lanes, the baseline ISA); plus an AVX512-BF16 variant for bf16 caches and 8 or
+// more query rows (struct Bf16). Chosen at run time from the CPU's features (set_isa overrides).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -400,54 +400,36 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 #include <immintrin.h>
 #define ISA_AVX512BF16 "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c"
 
-// bfloat16 caches on CPUs with AVX512-BF16: q.k and p.v as
-// dot products of bf16 pairs (vdpbf16ps: exact products, float32 sums) read straight from the
-// cache, so K is never widened and V only interleaved by key pairs. q is rounded to bf16 (exact
-// when the model runs in bf16) and the softmax weights are rounded to bf16 before p.v, as a bf16
-// GEMM would; the softmax itself stays float32. Scores are computed keys-in-lanes (as
-// Kernel::block_natural); accumulators hold their dims in the order unpack gives them, and
-// are put back in order at the end of the item.
-// Up to NATURAL_ROWS query rows per KV head (decode and draft steps at group size 3) go keys in
-// lanes (`item`); more rows go rows in lanes (`item_lanes`). Measured on an AVX512-BF16 EPYC at
-// B16 x 7680 slots (bench/roofline.py): keys in lanes matches the float32 path at 1-3 rows;
-// rows in lanes beats keys in lanes from 4 rows (3.0-3.2 vs 3.9-4.2 ms at 4-6) and the float32
-// rows-in-lanes path by 1.2-1.4x at 7-21 rows (verify steps).
-constexpr int NATURAL_ROWS = 3;
+// bfloat16 caches on CPUs with AVX512-BF16, for 8 or more query rows per KV head (verify steps at
+// gamma >= 2 with group size 3; fewer rows go to Kernel<16, D>, whose keys-in-lanes scores are
+// bound by reading the cache rather than by arithmetic, and which ran as fast or 7-25% faster
+// there than this path or a keys-in-lanes bf16 variant, since removed). q.k and p.v are dot
+// products of bf16 pairs (vdpbf16ps: exact products, float32 sums) read straight from the cache,
+// so K is never widened and V only interleaved by key pairs. q is rounded to bf16 (exact when the
+// model runs in bf16) and the softmax weights are rounded to bf16 before p.v, as a bf16 GEMM
+// would; the softmax itself stays float32.
+// Scores are computed with the query rows in lanes: the queries of 16 rows as bf16 pairs Qp [D/2]
+// (lane r: row r's dims 2j, 2j+1), each key's pair of dims broadcast from the cache, so one
+// vdpbf16ps computes a 2-dim slice of 16 rows' scores for one key, with no transpose and no
+// widening; the softmax's row maxima and sums are then lane-wise. Accumulators hold their dims
+// in the order unpack gives them, and are put back in order at the end of the item.
+// Measured on an AVX512-BF16 EPYC, B16 x 7680 slots, one layer: 3.4-3.9 ms at 12 rows against
+// 4.6 for the float32 path; 1.1-1.5x faster at 9-21 rows, even at 6-7, slower at 4-5.
+constexpr int LANES_MIN_ROWS = 8;
 constexpr int PREFETCH_KEYS = 128;  // how far ahead of the block being computed the cache is fetched
 
 template <int D>
 struct Bf16 {
-  using K = Kernel<16, D>;
   using F = Vec<16>::F;
-  static constexpr int Z = D / 32;                       // zmm per bf16 key row
-  static constexpr int A = D / 16;                       // float32 accumulators per query row
-  static constexpr int RT = 16 / A > 4 ? 4 : 16 / A;     // query rows per P.V tile
-  static constexpr int BK = 32, NV = BK / 16;            // keys per block, score vectors per row
-
-  // P.V for query rows [0, R): o[r] = o[r] * cr[r] + sum over key pairs p < pairs of the bf16
-  // weight pair P(r, p) (uint32 at W[r * wr + p * wp]) dotted with the interleaved V pair Vp[p].
-  __attribute__((target(ISA_AVX512BF16))) static void pv(float* acc, int R, const uint32_t* W, int wr, int wp,
-                                                          const float* cr, const __m512i (*Vp)[A], int pairs) {
-    for (int i0 = 0; i0 < R; i0 += RT) {
-      __m512 o[RT][A];
-      for (int r = 0; r < RT; ++r)
-        for (int c = 0; c < A; ++c)
-          o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (i0 + r) * D + 16 * c), _mm512_set1_ps(cr[i0 + r]));
-      for (int p = 0; p < pairs; ++p) {
-        __m512bh w[RT];
-        for (int r = 0; r < RT; ++r) w[r] = (__m512bh)_mm512_set1_epi32(int(W[(i0 + r) * wr + p * wp]));
-        for (int c = 0; c < A; ++c)
-          for (int r = 0; r < RT; ++r) o[r][c] = _mm512_dpbf16_ps(o[r][c], w[r], (__m512bh)Vp[p][c]);
-      }
-      for (int r = 0; r < RT; ++r)
-        for (int c = 0; c < A; ++c) _mm512_storeu_ps(acc + (i0 + r) * D + 16 * c, o[r][c]);
-    }
-  }
+  static constexpr int Z = D / 32;  // zmm per bf16 key row
+  static constexpr int A = D / 16;  // float32 accumulators per query row
+  static constexpr int LK = 16;     // keys per block (one score accumulator each)
+  static constexpr int LT = (28 / A - 1) > 6 ? 6 : 28 / A - 1;  // query rows per p.v tile: LT*A + A registers
 
   // Slots [s, s + n) below hi of both planes towards the cache, some blocks before they are read:
   // with more compute per block (rows in lanes) the hardware prefetcher alone fell behind
   // (measured at 12 query rows, B16 x 7680 slots: 440 ns per 16-key block without, 330-375 with,
-  // 295 with the cache in L2). Keys in lanes (few rows) ran no faster with it.
+  // 295 with the cache in L2).
   static INLINE void prefetch(const uint16_t* kc, const uint16_t* vc, int64_t s, int64_t hi, int n) {
     const int64_t end = std::min<int64_t>(s + n, hi);
     for (int64_t b = s * D * 2; b < end * D * 2; b += 64) {
@@ -457,8 +439,8 @@ struct Bf16 {
   }
 
   // V of slots [s, s + 2 * pairs) (those below nk) interleaved by key pairs for vdpbf16ps.
-  __attribute__((target(ISA_AVX512BF16))) static void interleave(const uint16_t* vc, int64_t s, int nk, __m512i (*Vp)[A],
-                                                                  int pairs = BK / 2) {
+  __attribute__((target(ISA_AVX512BF16))) static INLINE void interleave(const uint16_t* vc, int64_t s, int nk,
+                                                                         __m512i (*Vp)[A], int pairs) {
     for (int p = 0; p < pairs; ++p)
       for (int z = 0; z < Z; ++z) {
         const int j = 2 * p;
@@ -467,49 +449,6 @@ struct Bf16 {
         Vp[p][2 * z] = _mm512_unpacklo_epi16(v0, v1);
         Vp[p][2 * z + 1] = _mm512_unpackhi_epi16(v0, v1);
       }
-  }
-
-  __attribute__((target(ISA_AVX512BF16))) static void item(const Args& a, int64_t w) {
-    const auto [bh, lo, hi, m, l, acc] = start_item(a, w);
-    const int R = int(a.R);
-    if (lo >= hi) return;
-    const uint16_t* kc = static_cast<const uint16_t*>(a.kc) + bh * a.S * D;
-    const uint16_t* vc = static_cast<const uint16_t*>(a.vc) + bh * a.S * D;
-    const float* q = a.q + bh * a.R * D;
-    __m512bh qb[NATURAL_ROWS][Z];
-    for (int i = 0; i < R; ++i)
-      for (int z = 0; z < Z; ++z)
-        qb[i][z] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + i * D + 32 * z + 16), _mm512_loadu_ps(q + i * D + 32 * z));
-    alignas(64) uint32_t P[NATURAL_ROWS + 4][BK / 2] = {};  // a row's weights as bf16 key pairs
-    alignas(64) float cr[NATURAL_ROWS + 4] = {};
-    __m512i Vp[BK / 2][A];
-    F sv[NATURAL_ROWS][NV];
-    for (int64_t s = lo; s < hi; s += BK) {
-      const int nk = int(std::min<int64_t>(BK, hi - s));
-      interleave(vc, s, nk, Vp);
-      // Every row's scores first, then every row's softmax: the rows' dependency chains
-      // (dot products, fold, max, exp, sum) are independent and overlap.
-      for (int i = 0; i < R; ++i)
-        for (int v = 0; v < NV; ++v) {
-          F x[16];
-          for (int j = 0; j < 16; ++j) {
-            __m512 d = _mm512_setzero_ps();
-            if (16 * v + j < nk)
-              for (int z = 0; z < Z; ++z)
-                d = _mm512_dpbf16_ps(d, qb[i][z], (__m512bh)_mm512_loadu_si512(kc + (s + 16 * v + j) * D + 32 * z));
-            x[j] = (F)d;
-          }
-          K::template fold<8>(x, 16);
-          sv[i][v] = x[0] * a.qscale;
-        }
-      for (int i = 0; i < R; ++i) {
-        cr[i] = K::template row_softmax<NV>(sv[i], nk, m[i], l[i]);
-        for (int v = 0; v < NV; ++v)
-          _mm256_storeu_si256((__m256i*)(P[i] + 8 * v), (__m256i)_mm512_cvtneps_pbh((__m512)sv[i][v]));
-      }
-      pv(acc, R, &P[0][0], BK / 2, 1, cr, Vp, (nk + 1) / 2);
-    }
-    unpermute(acc, R);
   }
 
   // Accumulator 2z+h, lane 4L+e holds dim 32z + 8L + 4h + e (unpack works within 128-bit lanes).
@@ -523,14 +462,6 @@ struct Bf16 {
       std::memcpy(acc + i * D, t, sizeof t);
     }
   }
-
-  // Query rows in lanes (more than NATURAL_ROWS rows): the queries of 16 rows as bf16 pairs Qp [D/2]
-  // (lane r: row r's dims 2j, 2j+1), and each key pair of dims broadcast from the cache, so one
-  // vdpbf16ps computes a 2-dim slice of 16 rows' scores for one key, with no transpose and no
-  // widening. Scores land one vector per key with the rows in lanes: the softmax's row maxima and
-  // sums are lane-wise. Weights go to bf16 key pairs per row for p.v, as in `item`.
-  static constexpr int LK = 16;                               // keys per block (one accumulator each)
-  static constexpr int LT = (28 / A - 1) > 6 ? 6 : 28 / A - 1;  // query rows per p.v tile: LT*A + A registers
 
   // 2^x for x <= 0 to ~2e-7 relative, as Vec::exp2 in half its instructions: x = n + f with
   // n = round(x), |f| <= 1/2; 2^f by Cephes' exp2f polynomial; scalef applies 2^n (and makes
@@ -548,6 +479,16 @@ struct Bf16 {
     return _mm512_scalef_ps(p, n);
   }
 
+  // Lane r of lo and hi rounded to bf16 and paired in dword r (lo in the low half), as vdpbf16ps
+  // reads its operands.
+  __attribute__((target(ISA_AVX512BF16))) static INLINE __m512i zip(__m512 lo, __m512 hi) {
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+
+  // p.v for NR query rows: o[r] = o[r] * cr[r] + sum over key pairs p < pairs of row r's weight
+  // pair W[p * 16 + r] dotted with the interleaved V pair Vp[p], the rows' accumulators in registers.
   template <int NR>
   __attribute__((target(ISA_AVX512BF16))) static INLINE void pv_tile(float* acc, const uint32_t* W, const float* cr,
                                                                       const __m512i (*Vp)[A], int pairs) {
@@ -566,6 +507,7 @@ struct Bf16 {
       for (int c = 0; c < A; ++c) _mm512_storeu_ps(acc + r * D + 16 * c, o[r][c]);
   }
 
+  // pv_tile over `rows` rows, LT at a time, then the rest.
   template <int NR = LT>
   __attribute__((target(ISA_AVX512BF16))) static INLINE void pv_rows(float* acc, int rows, const uint32_t* W,
                                                                       const float* cr, const __m512i (*Vp)[A], int pairs) {
@@ -577,8 +519,9 @@ struct Bf16 {
     }
   }
 
-  // One block of nk <= LK keys (K rows at kb, stride D) for the <= 16 query rows of Qp.
-  __attribute__((target(ISA_AVX512BF16))) static INLINE void lanes_block(const __m512i* Qp, int rows, float qscale,
+  // One block of nk <= LK keys (K rows at kb, stride D) for the <= 16 query rows of Qp: scores,
+  // the rows' online softmax state m, l [16] and acc [16][D].
+  __attribute__((target(ISA_AVX512BF16))) static INLINE void block(const __m512i* Qp, int rows, float qscale,
                                                                           const uint16_t* kb, const __m512i (*Vp)[A],
                                                                           int nk, float* m, float* l, float* acc) {
     __m512 s[LK];
@@ -607,16 +550,13 @@ struct Bf16 {
     V::store(l, V::load(l) * corr + sum);
     alignas(64) float cr[16];
     V::store(cr, corr);
-    // Key pair p's weights for row r as one bf16 pair (key 2p low), at W[p * 16 + r].
+    // Key pair p's weights for row r as one bf16 pair, at W[p * 16 + r].
     alignas(64) uint32_t W[LK / 2 * 16];
-    const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int p = 0; p < LK / 2; ++p)
-      _mm512_store_si512(W + p * 16, _mm512_permutexvar_epi16(zip, (__m512i)_mm512_cvtne2ps_pbh(s[2 * p + 1], s[2 * p])));
+    for (int p = 0; p < LK / 2; ++p) _mm512_store_si512(W + p * 16, zip(s[2 * p], s[2 * p + 1]));
     pv_rows(acc, rows, W, cr, Vp, (nk + 1) / 2);
   }
 
-  __attribute__((target(ISA_AVX512BF16))) static void item_lanes(const Args& a, int64_t w) {
+  __attribute__((target(ISA_AVX512BF16))) static void item(const Args& a, int64_t w) {
     const auto [bh, lo, hi, m, l, acc] = start_item(a, w);
     if (lo >= hi) return;
     const int64_t R = a.R, groups = (R + 15) / 16;
@@ -637,10 +577,7 @@ struct Bf16 {
             lo_[r] = row < R ? q[row * D + 2 * j] : 0.0f;
             hi_[r] = row < R ? q[row * D + 2 * j + 1] : 0.0f;
           }
-          const __m512 zl = _mm512_load_ps(lo_), zh = _mm512_load_ps(hi_);
-          const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-          Qp[g][j] = _mm512_permutexvar_epi16(zip, (__m512i)_mm512_cvtne2ps_pbh(zh, zl));
+          Qp[g][j] = zip(_mm512_load_ps(lo_), _mm512_load_ps(hi_));
         }
       for (int64_t s = lo; s < hi; s += LK) {
         const int nk = int(std::min<int64_t>(LK, hi - s));
@@ -654,7 +591,7 @@ struct Bf16 {
         interleave(vc, s, nk, Vp, LK / 2);
         for (int64_t g = 0; g < ng; ++g) {
           const int64_t o = (g0 + g) * 16;
-          lanes_block(Qp[g], int(std::min<int64_t>(16, R - o)), a.qscale, kb, Vp, nk, m + o, l + o, acc + o * D);
+          block(Qp[g], int(std::min<int64_t>(16, R - o)), a.qscale, kb, Vp, nk, m + o, l + o, acc + o * D);
         }
       }
     }
@@ -664,8 +601,7 @@ struct Bf16 {
 
 __attribute__((target(ISA_AVX512BF16))) void items_avx512bf16(const Args& a, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; ++w) {
-    if (a.dtype != 1) run_items<16>(a, w, w + 1);
-    else if (a.R > NATURAL_ROWS) a.d == 64 ? Bf16<64>::item_lanes(a, w) : Bf16<128>::item_lanes(a, w);
+    if (a.dtype != 1 || a.R < LANES_MIN_ROWS) run_items<16>(a, w, w + 1);
     else if (a.d == 64) Bf16<64>::item(a, w);
     else Bf16<128>::item(a, w);
   }
