@@ -464,9 +464,10 @@ struct Bf16 {
   }
 
   // 2^x for x <= 0 to ~2e-7 relative, as Vec::exp2 in half its instructions: x = n + f with
-  // n = round(x), |f| <= 1/2; 2^f by Cephes' exp2f polynomial; scalef applies 2^n (and makes
-  // 2^-inf exactly 0).
+  // n = round(x), |f| <= 1/2; 2^f by Cephes' exp2f polynomial; scalef applies 2^n. x is first
+  // raised to -1000, whose 2^x is still exactly 0 in float32, so -inf never meets x - round(x).
   __attribute__((target(ISA_AVX512BF16))) static INLINE __m512 exp2(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-1000.0f));
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
     __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
@@ -534,22 +535,23 @@ struct Bf16 {
         s[k] = _mm512_dpbf16_ps(s[k], qv, (__m512bh)_mm512_set1_epi32(pair));
       }
     }
-    using V = Vec<16>;
-    const F ninf = V::splat(-INFINITY);
-    F mx = ninf;
-    for (int k = 0; k < nk; ++k) mx = V::max(mx, (F)s[k] * qscale);
-    const F m_old = V::load(m), m_new = V::max(m_old, mx);  // finite: nk >= 1
-    const F corr = (F)exp2((__m512)(m_old - m_new));
-    F sum = F{};
+    const __m512 scale = _mm512_set1_ps(qscale);
+    __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int k = 0; k < LK; ++k) {
-      const F p = k < nk ? (F)exp2((__m512)((F)s[k] * qscale - m_new)) : F{};
-      sum += p;
-      s[k] = (__m512)p;
+      s[k] = k < nk ? _mm512_mul_ps(s[k], scale) : _mm512_set1_ps(-INFINITY);
+      mx = _mm512_max_ps(mx, s[k]);
     }
-    V::store(m, m_new);
-    V::store(l, V::load(l) * corr + sum);
+    const __m512 m_old = _mm512_loadu_ps(m), m_new = _mm512_max_ps(m_old, mx);  // finite: nk >= 1
+    const __m512 corr = exp2(_mm512_sub_ps(m_old, m_new));
+    __m512 sum = _mm512_setzero_ps();
+    for (int k = 0; k < LK; ++k) {
+      s[k] = exp2(_mm512_sub_ps(s[k], m_new));
+      sum = _mm512_add_ps(sum, s[k]);
+    }
+    _mm512_storeu_ps(m, m_new);
+    _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), corr, sum));
     alignas(64) float cr[16];
-    V::store(cr, corr);
+    _mm512_store_ps(cr, corr);
     // Key pair p's weights for row r as one bf16 pair, at W[p * 16 + r].
     alignas(64) uint32_t W[LK / 2 * 16];
     for (int p = 0; p < LK / 2; ++p) _mm512_store_si512(W + p * 16, zip(s[2 * p], s[2 * p + 1]));
