@@ -21,7 +21,7 @@
 //
 // Dispatch: one generic kernel written with GCC vector extensions, compiled three times
 // (always_inline into functions with a target attribute): AVX-512 (16 lanes), AVX2+FMA (8 lanes)
-// and portable (4 lanes, the baseline ISA); plus an AVX512-BF16 variant for bf16 caches and 8 or
+// and portable (4 lanes, the baseline ISA); plus an AVX512-BF16 variant for bf16 caches and 5 or
 // more query rows (struct Bf16). Chosen at run time from the CPU's features (set_isa overrides).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -400,10 +400,10 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 #include <immintrin.h>
 #define ISA_AVX512BF16 "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c"
 
-// bfloat16 caches on CPUs with AVX512-BF16, for 8 or more query rows per KV head (verify steps at
-// gamma >= 2 with group size 3; fewer rows go to Kernel<16, D>, whose keys-in-lanes scores are
-// bound by reading the cache rather than by arithmetic, and which ran as fast or 7-25% faster
-// there than this path or a keys-in-lanes bf16 variant, since removed). q.k and p.v are dot
+// bfloat16 caches on CPUs with AVX512-BF16, for 5 or more query rows per KV head (the verify steps
+// at group size 3; fewer rows go to Kernel<16, D>, whose keys-in-lanes scores are bound by reading
+// the cache rather than by arithmetic, and which ran as fast or faster there than this path or a
+// keys-in-lanes bf16 variant, since removed). q.k and p.v are dot
 // products of bf16 pairs (vdpbf16ps: exact products, float32 sums) read straight from the cache,
 // so K is never widened and V only interleaved by key pairs. q is rounded to bf16 (exact when the
 // model runs in bf16) and the softmax weights are rounded to bf16 before p.v, as a bf16 GEMM
@@ -413,9 +413,10 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 // vdpbf16ps computes a 2-dim slice of 16 rows' scores for one key, with no transpose and no
 // widening; the softmax's row maxima and sums are then lane-wise. Accumulators hold their dims
 // in the order unpack gives them, and are put back in order at the end of the item.
-// Measured on an AVX512-BF16 EPYC, B16 x 7680 slots, one layer: 3.4-3.9 ms at 12 rows against
-// 4.6 for the float32 path; 1.1-1.5x faster at 9-21 rows, even at 6-7, slower at 4-5.
-constexpr int LANES_MIN_ROWS = 8;
+// Measured on an AVX512-BF16 EPYC, B16 x 7680 slots, one layer, against the float32 path: 2.7-3.0
+// vs 3.3-3.5 ms at 5 rows, 3.2 vs 3.9 at 6, 3.2 vs 4.5 at 9-12, 5.0 vs 7.3 at 21; at 4 rows
+// 2.9-3.2 vs 2.6-2.8 (there the float32 path's keys in lanes wins).
+constexpr int LANES_MIN_ROWS = 5;
 constexpr int PREFETCH_KEYS = 128;  // how far ahead of the block being computed the cache is fetched
 
 template <int D>
