@@ -56,7 +56,7 @@ def main() -> None:
         rt.generate(prompts, max_new_tokens=args.new_tokens, temperature=args.temperature, gamma=args.gamma)
         s = rt.last_stats
         snap = policy.kind == "snapkv"
-        rows.append(dict(policy=policy.kind, window=policy.window if snap else None, recent=policy.recent if snap else None,
+        rows.append(dict(policy=policy.kind, window=policy.window if snap else None, recent=policy.ring(args.budget) if snap else None,
                          pool=policy.pool if snap else None, reselect=policy.reselect if snap else None,
                          tokens_per_s=s["steady_tokens_per_s"],
                          acceptance_rate=s["acceptance_rate"], per_position=s["per_position_acceptance"],

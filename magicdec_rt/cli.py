@@ -88,7 +88,8 @@ def add_draft_policy_args(p) -> None:
     p.add_argument("--draft-policy", choices=["streaming", "snapkv"], default="streaming",
                    help="what the draft cache keeps: StreamingLLM's sinks + recent window, or SnapKV's "
                         "per-head selection of the prompt + sinks + a recent ring")
-    p.add_argument("--draft-recent", type=int, default=128, help="snapkv: ring slots for the newest tokens")
+    p.add_argument("--draft-recent", type=int, help="snapkv: ring slots for the newest tokens (default: half the "
+                   "draft budget)")
     p.add_argument("--draft-window", type=int, default=16, help="snapkv: prompt tokens whose attention selects")
     p.add_argument("--draft-reselect", type=int, default=0,
                    help="snapkv: select again every this many generated tokens (0: keep the prompt's selection)")

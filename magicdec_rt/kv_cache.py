@@ -110,19 +110,24 @@ class DraftPolicy:
     kind: str = "streaming"  # or "snapkv"
     # Defaults measured best of window 8-64 x recent 32-192 at budget 256 (bench/results/sweep-policy-*).
     window: int = 16  # snapkv: the last prompt tokens whose attention scores the rest
-    recent: int = 128  # snapkv: ring slots for the newest tokens
+    recent: int | None = None  # snapkv: ring slots for the newest tokens (None: half the budget)
     pool: int = 7  # snapkv: max-pooling width over neighbouring positions
     reselect: int = 0  # snapkv: select again from the newest `window` tokens every this many tokens (0: never)
 
     KINDS = ("streaming", "snapkv")
 
+    def ring(self, budget: int) -> int:
+        """snapkv: the recent ring's slots at this budget."""
+        return budget // 2 if self.recent is None else self.recent
+
     def check(self, sinks: int, budget: int) -> None:
         if self.kind not in self.KINDS:
             raise ValueError(f"draft policy {self.kind!r} is not one of {', '.join(self.KINDS)}")
-        if self.kind == "snapkv" and not (1 <= self.recent and sinks + self.recent < budget and 1 <= self.window
+        recent = self.ring(budget)
+        if self.kind == "snapkv" and not (1 <= recent and sinks + recent < budget and 1 <= self.window
                                           and self.pool >= 1 and self.pool % 2 and self.reselect >= 0):
             raise ValueError(f"snapkv needs window >= 1, an odd pool >= 1, reselect >= 0 and recent >= 1 with "
-                             f"sinks + recent < budget ({sinks} + {self.recent} vs {budget})")
+                             f"sinks + recent < budget ({sinks} + {recent} vs {budget})")
 
 
 def snap_select(scores: torch.Tensor, sinks: int, keep: int, recent: int, pool: int) -> torch.Tensor:
@@ -190,11 +195,12 @@ class StreamingCache(KVCache):
         """Fill ``row`` holding ``length`` > budget committed tokens by SnapKV, from the
         observation window's ``scores [layers, heads, length]``."""
         p, s = self.policy, self.sinks
-        keep = self.budget - s - p.recent
+        ring = p.ring(self.budget)
+        keep = self.budget - s - ring
         self.positions[:, row] = -1
         self._put(full, row, torch.arange(s), torch.arange(s))
-        chosen = snap_select(scores, s, keep, p.recent, p.pool)
+        chosen = snap_select(scores, s, keep, ring, p.pool)
         self._put(full, row, torch.arange(s, s + keep), chosen)
         self.ring_start[row], self.selected_at[row] = s + keep, length
-        recent = torch.arange(length - p.recent, length)
+        recent = torch.arange(length - ring, length)
         self._put(full, row, self._ring_slot(row, recent), recent)

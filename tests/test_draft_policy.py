@@ -48,7 +48,8 @@ def test_snapkv_selection_equals_the_reference_from_transformers_attention(snap_
     assert len({tuple(h.tolist()) for h in want.reshape(-1, keep)}) > 1
 
 
-@pytest.mark.parametrize("policy", [DraftPolicy(), SNAP, RESELECT], ids=["streaming", "snapkv", "snapkv-reselect"])
+@pytest.mark.parametrize("policy", [DraftPolicy(), SNAP, RESELECT, DraftPolicy("snapkv", window=5, pool=3)],
+                         ids=["streaming", "snapkv", "snapkv-reselect", "snapkv-default-ring"])
 def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
     """After a long generation, each slot holds the K/V of the position the policy says, and nothing
     the policy dropped: sinks, (SnapKV's selection, made from the prompt or, re-selecting, from
@@ -63,7 +64,8 @@ def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
     assert (held[:, :, :2] == torch.arange(2)).all()
     if policy.kind == "snapkv":
         at = rt.draft.selected_at[0]
-        assert rt.draft.ring_start[0] == 6 and (held[:, :, 2:6] < at - SNAP.recent).all()
+        recent = policy.recent or 8 // 2  # by default the ring is half the budget
+        assert rt.draft.ring_start[0] == 8 - recent and (held[:, :, 2 : 8 - recent] < at - recent).all()
         if policy.reselect:
             assert length - 7 < at <= length and (held[:, :, 2:6] >= len(prompt)).any()  # generated tokens chosen
         else:

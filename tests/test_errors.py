@@ -159,7 +159,7 @@ def test_build_refuses_to_overwrite_a_directory_that_is_not_an_engine(tmp_path, 
         ([], "no prompts: give them as arguments or with --prompts-file"),
         (["--prompts-file", "/no/file"], "prompts file '/no/file' does not exist"),
         (["--max-new-tokens", "500", "w1"], "beyond the engine's max_seq_len 128"),
-        (["--draft-policy", "snapkv", "w1"], "recent >= 1 with sinks + recent < budget (2 + 128 vs 8)"),
+        (["--draft-policy", "snapkv", "--draft-recent", "6", "w1"], "recent >= 1 with sinks + recent < budget (2 + 6 vs 8)"),
     ],
 )
 def test_generate_cli_errors_are_one_line_exit_2(tiny_engine, args, message, capsys):
