@@ -66,7 +66,7 @@ def step_caller(model, engine):
 
 
 def steps(call, model, cost, args, batch: int, context: int, bw: float, peak: float) -> list[dict]:
-    dt = args.torch_dtype
+    dt = args.kv_torch_dtype
     ck, cv = random_caches(model, batch, context, dt), random_caches(model, batch, context, dt)
     dk, dv = random_caches(model, batch, args.draft_slots, dt), random_caches(model, batch, args.draft_slots, dt)
     # (label, step name, T, slots attended, caches). The draft attends to every slot of its own
@@ -100,7 +100,7 @@ def steps(call, model, cost, args, batch: int, context: int, bw: float, peak: fl
 
 def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
     """One layer's attention (3 KV heads x 3 query heads, head dim 64) over a full cache."""
-    kv, G, d, dt = 3, 3, 64, args.torch_dtype
+    kv, G, d, dt = 3, 3, 64, args.kv_torch_dtype
     k_cache, v_cache = torch.randn(batch, kv, context, d, dtype=dt), torch.randn(batch, kv, context, d, dtype=dt)
     lengths = torch.full((batch,), context, dtype=torch.long)
     floor_ms = 1e3 * 2 * k_cache.nbytes / bw
@@ -130,7 +130,8 @@ def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [f"`{r['command']}`", "",
-             f"{m['cpu']} ({', '.join(m['isa'])}), torch {m['torch']}, {m['threads']} threads, {r['backend']}, {r['dtype']}, "
+             f"{m['cpu']} ({', '.join(m['isa'])}), torch {m['torch']}, {m['threads']} threads, {r['backend']}, {r['dtype']} "
+             f"(KV cache {r.get('kv_dtype', r['dtype'])}), "
              f"kernel ISA {m['kernel_isa']}. Read bandwidth {m['read_bandwidth_GB_s']:.1f} GB/s; matmul "
              f"{m['matmul_GFLOP_s']['float32']:.0f} GFLOP/s float32, {m['matmul_GFLOP_s']['bfloat16']:.0f} bfloat16.", "",
              "| B x context | step | T | slots | MB read | GFLOP | bound | roofline ms | measured ms | measured / roofline "
@@ -154,6 +155,7 @@ def main() -> None:
     p.add_argument("--engine", type=Path, help="time this engine's steps (e.g. compiled graphs) instead of eager "
                    "modules; its batch, context bucket, dtype, gammas and draft cache set the point")
     p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"])
+    p.add_argument("--kv-dtype", choices=["float32", "bfloat16"], help="the KV caches' dtype (default: --dtype's)")
     p.add_argument("--points", nargs="+", default=["8x4096", "16x7680"], help="BATCHxCONTEXT")
     p.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--draft-slots", type=int, default=272, help="draft cache slots: budget 256 + 16 scratch")
@@ -169,9 +171,11 @@ def main() -> None:
         m = read_manifest(args.engine)
         engine = load_steps(args.engine, m)
         args.model, args.dtype, args.points = args.engine, m.dtype, [f"{m.max_batch}x{m.max_seq_len}"]
+        args.kv_dtype = m.kv_dtype
         args.gammas = [g for g in m.gammas if g > 0]
         args.draft_slots, args.prefill_chunk = m.draft_slots, m.prefill_chunk
     args.torch_dtype = getattr(torch, args.dtype)
+    args.kv_torch_dtype = getattr(torch, args.kv_dtype or args.dtype)
     points = [tuple(map(int, s.split("x"))) for s in args.points]
     if not attention.kernel_available():
         sys.exit("error: the attention kernel could not be built (see the warning above)")
@@ -184,8 +188,9 @@ def main() -> None:
         config, state, _, _ = load_source(args.model or embedded_model_path())
         model = build_model(config, state, args.torch_dtype)
     call = step_caller(model, engine)
-    cost = StepCost(model.cfg, args.torch_dtype.itemsize)
+    cost = StepCost(model.cfg, args.torch_dtype.itemsize, args.kv_torch_dtype.itemsize)
     report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), dtype=args.dtype,
+                  kv_dtype=args.kv_dtype or args.dtype,
                   backend=engine.backend if engine else "eager",
                   model=str(args.model or embedded_model_path()),
                   machine=dict(**cpu.describe(), torch=torch.__version__, threads=torch.get_num_threads(),

@@ -214,7 +214,7 @@ def main() -> None:
                 rt = runtimes[w, policy] = SweepRuntime.load(eng, draft_policy=DraftPolicy(policy))
                 rt.core.full = runtimes[cfg["budget"][0], args.policy[0]].full  # one full cache per batch, shared
         first = runtimes[cfg["budget"][0], args.policy[0]]
-        cost = StepCost(first.manifest.model, torch_dtype.itemsize)
+        cost = StepCost(first.manifest.model, torch_dtype.itemsize, first.manifest.kv_torch_dtype.itemsize)
         for context in cfg["context"]:
             prompts = load_prompts(first.tokenizer, args.corpus, batch, context)
             SweepCore.saved.clear()

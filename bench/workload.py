@@ -52,16 +52,17 @@ def measure_matmul(dtype: torch.dtype, n: int = 2048) -> float:
 
 
 class StepCost:
-    """The bytes a step must read and the FLOPs it must do, for a model config and dtype: every
-    matmul weight once (the embedding is a gather of B rows, not counted), plus the K/V of the
-    cache slots the step attends to (context, not the bucket it is laid out at)."""
+    """The bytes a step must read and the FLOPs it must do, for a model config and the weights' and
+    KV cache's element sizes: every matmul weight once (the embedding is a gather of B rows, not
+    counted), plus the K/V of the cache slots the step attends to (context, not the bucket it is
+    laid out at)."""
 
-    def __init__(self, cfg, itemsize: int):
+    def __init__(self, cfg, itemsize: int, kv_itemsize: int | None = None):
         h, i, d, L = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_layers
         per_layer = h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * h * i
         self.matmul_params = L * per_layer + cfg.vocab_size * h
         self.weight_bytes = self.matmul_params * itemsize
-        self.kv_bytes_per_token = 2 * L * cfg.num_kv_heads * d * itemsize
+        self.kv_bytes_per_token = 2 * L * cfg.num_kv_heads * d * (kv_itemsize or itemsize)
         self.cfg = cfg
 
     def bytes(self, batch: int, context: int) -> float:

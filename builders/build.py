@@ -30,7 +30,7 @@ from .compile import REL_ERR_BOUND, build_graph, kv_pool, reusable, sha256_file
 EMBEDDED_NAME = "smollm2-135m-instruct"
 
 
-def _check_options(backend, device, dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
+def _check_options(backend, device, dtype, kv_dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
                    prefill_chunk, world_size, buckets):
     """Everything that can be checked before the (slow) model load."""
     if backend not in BACKENDS:
@@ -47,6 +47,11 @@ def _check_options(backend, device, dtype, max_batch, gammas, default_gamma, dra
         raise EngineError("device 'cuda' was requested but this machine has no CUDA device")
     if dtype not in DTYPES:
         raise EngineError(f"dtype {dtype!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
+    if kv_dtype not in DTYPES:
+        raise EngineError(f"kv_dtype {kv_dtype!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
+    if kv_dtype != dtype and device != "cpu":
+        raise EngineError(f"kv_dtype {kv_dtype} differs from dtype {dtype}: only the CPU attention kernel reads a "
+                          f"cache of another dtype; use --kv-dtype {dtype} on {device}")
     limits = (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1), ("world_size", world_size, 1))
     for name, value, low in limits:
         if value < low:
@@ -98,6 +103,7 @@ def build_engine(
     backend: str = "eager",
     device: str = "cpu",
     dtype: str = "float32",
+    kv_dtype: str | None = None,
     max_batch: int = 8,
     max_seq_len: int | None = None,
     max_gamma: int = 6,
@@ -114,7 +120,8 @@ def build_engine(
     calibrate: bool = False,
 ) -> Path:
     """Build an engine directory and return its path. ``dtype="auto"`` picks bfloat16 where the CPU
-    multiplies it natively (AMX, AVX-512-BF16) or on CUDA, float32 elsewhere. The engine serves ``gammas`` (default every
+    multiplies it natively (AMX, AVX-512-BF16) or on CUDA, float32 elsewhere. ``kv_dtype`` is the
+    KV caches' (default: ``dtype``; ``"auto"``: ``cpu.auto_kv_dtype`` on the CPU). The engine serves ``gammas`` (default every
     gamma in [0, max_gamma]; 0, plain decoding, is always included) at every context bucket
     (default: powers of two from 512, ending at ``max_seq_len``). ``calibrate`` times the built
     steps here for the gamma planner (``magicdec-calibrate``)."""
@@ -123,7 +130,10 @@ def build_engine(
         dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"
     elif dtype == "bfloat16" and device == "cpu" and not cpu.native_bf16():
         warn_emulated_bf16()
-    _check_options(backend, device, dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
+    if kv_dtype == "auto":
+        kv_dtype = cpu.auto_kv_dtype() if device == "cpu" else dtype
+    kv_dtype = kv_dtype or dtype
+    _check_options(backend, device, dtype, kv_dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
                    prefill_chunk, world_size, buckets)
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
@@ -176,6 +186,7 @@ def build_engine(
         backend=backend,
         device=device,
         dtype=dtype,
+        kv_dtype=kv_dtype,
         max_batch=max_batch,
         max_seq_len=seq,
         prefill_chunk=prefill_chunk,
@@ -212,7 +223,7 @@ def build_like(engine: str | Path, out_dir: str | Path, **overrides) -> Path:
     """An engine built with the settings of ``engine``, changing ``overrides`` (for example
     ``world_size``). An engine directory is an HF model directory, so it is its own source."""
     m = read_manifest(engine)
-    settings = dict(backend=m.backend, device=m.device, dtype=m.dtype, max_batch=m.max_batch,
+    settings = dict(backend=m.backend, device=m.device, dtype=m.dtype, kv_dtype=m.kv_dtype, max_batch=m.max_batch,
                     max_seq_len=m.max_seq_len, gammas=m.gammas, default_gamma=m.default_gamma,
                     draft_sinks=m.draft_sinks, draft_budget=m.draft_budget, prefill_chunk=m.prefill_chunk,
                     buckets=m.context_buckets[:-1], world_size=m.world_size, show_progress=False)
@@ -223,7 +234,9 @@ def _report(out: Path, m: Manifest, seconds: float) -> None:
     weights = (out / "model.safetensors").stat().st_size
     graphs = sum(g["bytes"] for g in m.graphs.values())
     print(
-        f"built {out} ({m.backend} on {m.device}, {m.dtype}, batch {m.max_batch}, max_seq_len {m.max_seq_len}, "
+        f"built {out} ({m.backend} on {m.device}, {m.dtype}"
+        + (f" with a {m.kv_dtype} KV cache" if m.kv_dtype != m.dtype else "")
+        + f", batch {m.max_batch}, max_seq_len {m.max_seq_len}, "
         f"gammas {m.gammas}, buckets {m.context_buckets}) in {seconds:.1f} s: weights {weights / 2**20:.1f} MiB"
         + (f", {len(m.graphs)} graphs {graphs / 2**20:.1f} MiB" if m.graphs else ""),
         file=sys.stderr,
@@ -290,6 +303,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=list(DEVICES), help="where the engine runs")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 where the CPU multiplies it natively (AMX, AVX-512-BF16) or on CUDA, else float32")
+    p.add_argument("--kv-dtype", choices=["auto", *DTYPES],
+                   help="the KV caches' dtype (default: bfloat16 on the CPU with --dtype auto, so float32 weights "
+                   "get a bf16 cache; else --dtype's)")
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (the static batch)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--max-gamma", type=int, default=6, help="the engine serves every gamma in [0, max-gamma]")
@@ -316,6 +332,7 @@ def main(argv=None) -> int:
             args.model,
             backend=args.backend,
             dtype=args.dtype,
+            kv_dtype=args.kv_dtype or ("auto" if args.dtype == "auto" else None),
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
             max_gamma=args.max_gamma,

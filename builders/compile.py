@@ -70,6 +70,7 @@ def graph_key(manifest: Manifest, name: str) -> str:
         "model_py": hashlib.sha256(model_source).hexdigest(),
         "config": manifest.model.to_dict(),
         "dtype": manifest.dtype,
+        "kv_dtype": manifest.kv_dtype,
         "backend": manifest.backend,
         "device": manifest.device,
         "world_size": manifest.world_size,

@@ -14,7 +14,7 @@ def step_inputs(model: Transformer, manifest: Manifest, name: str, device="cpu")
     these shapes are valid inputs). Caches are one dense tensor per layer."""
     B, T, slots = manifest.step_shape(name)
     layer = (B, model.kv_heads, slots, model.cfg.head_dim)
-    cache_k = [torch.zeros(layer, dtype=manifest.torch_dtype, device=device) for _ in range(model.cfg.num_layers)]
+    cache_k = [torch.zeros(layer, dtype=manifest.kv_torch_dtype, device=device) for _ in range(model.cfg.num_layers)]
     cache_v = [torch.zeros_like(c) for c in cache_k]
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     positions = torch.arange(T, device=device).expand(B, T).contiguous()

@@ -53,7 +53,7 @@ class EngineCore:
 
             steps = GraphedSteps(steps)
         self.steps, self.device = steps, steps.device
-        m, dt = manifest, manifest.torch_dtype
+        m, dt = manifest, manifest.kv_torch_dtype
         self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt, self.device)
         self.draft = StreamingCache(steps.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt,
                                     self.device, policy)

@@ -58,6 +58,13 @@ def auto_dtype() -> str:
     return "bfloat16" if native_bf16() else "float32"
 
 
+def auto_kv_dtype() -> str:
+    """The KV cache dtype ``--dtype auto`` picks: bfloat16 everywhere on the CPU. Where the weights
+    stay float32 (no native bf16) the attention kernel widens bf16 keys and values to float32 in
+    registers, so the cache, which decoding at long context mostly reads, costs half the bytes."""
+    return "bfloat16"
+
+
 def compiled_isa() -> list[str]:
     """The instruction sets AOTInductor compiles CPU graphs for on this machine (cpuinfo names)."""
     from torch._inductor import cpu_vec_isa

@@ -56,10 +56,19 @@ class Manifest:
     device: str = "cpu"
     graphs: dict = field(default_factory=dict)  # step name -> {"file", "key", "bytes", "rel_err"}
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
+    kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
+
+    def __post_init__(self):
+        if not self.kv_dtype:
+            object.__setattr__(self, "kv_dtype", self.dtype)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.kv_dtype]
 
     @property
     def max_gamma(self) -> int:
@@ -94,6 +103,7 @@ class Manifest:
             "backend": self.backend,
             "device": self.device,
             "dtype": self.dtype,
+            "kv_dtype": self.kv_dtype,
             "max_batch": self.max_batch,
             "max_seq_len": self.max_seq_len,
             "world_size": self.world_size,
@@ -129,6 +139,7 @@ class Manifest:
                 name=str(d["name"]),
                 backend=d["backend"],
                 dtype=d["dtype"],
+                kv_dtype=d.get("kv_dtype", d["dtype"]),
                 max_batch=int(d["max_batch"]),
                 max_seq_len=int(d["max_seq_len"]),
                 prefill_chunk=int(d["prefill_chunk"]),
@@ -161,6 +172,11 @@ class Manifest:
             bad(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             bad(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_dtype not in DTYPES:
+            bad(f"kv_dtype {self.kv_dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_dtype != self.dtype and self.device != "cpu":
+            bad(f"kv_dtype {self.kv_dtype} differs from dtype {self.dtype}: only the CPU attention kernel reads a "
+                f"cache of another dtype; use kv_dtype {self.dtype} on {self.device}")
         if self.max_batch < 1:
             bad(f"max_batch {self.max_batch} must be >= 1")
         if not 1 <= self.max_seq_len <= self.model.max_position_embeddings:

@@ -101,8 +101,8 @@ class KVCache:
         """Write one token per row, ``k, v`` of shape [layers, rows, kv_heads, 1, head_dim], row
         ``b`` into slot ``slots[b]``: one operation for the whole batch, no host values."""
         rows = torch.arange(self.rows, device=slots.device)
-        self.k[:, rows, :, slots] = k[:, :, :, 0].transpose(0, 1)
-        self.v[:, rows, :, slots] = v[:, :, :, 0].transpose(0, 1)
+        self.k[:, rows, :, slots] = k[:, :, :, 0].transpose(0, 1).to(self.k.dtype)
+        self.v[:, rows, :, slots] = v[:, :, :, 0].transpose(0, 1).to(self.v.dtype)
 
 
 @dataclass(frozen=True)

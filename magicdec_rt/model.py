@@ -101,6 +101,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, kv, d).transpose(1, 2)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        if cache_k.dtype != k.dtype:
+            # A cache of another dtype (bf16 KV under float32 weights): the block attends to its own
+            # keys and values as the cache will hold them, as the same tokens decoded one at a time
+            # would read them back, so speculation stays exact.
+            k, v = k.to(cache_k.dtype).to(k.dtype), v.to(cache_v.dtype).to(v.dtype)
         if scores is not None:
             scores.append(attention.window_scores(q, k, cache_k, cache_bias, causal_bias))
         # Three attention paths, one math (tests/test_steps.py and tests/test_attention.py hold them
@@ -113,10 +118,10 @@ class Attention(nn.Module):
                 q.reshape(B, kv, group * T, d), cache_k, cache_v, lengths, k.contiguous(), v.contiguous(), d**-0.5
             ).view(B, kv, group, T, d)
         elif T >= SDPA_MIN_BLOCK:
-            o = self._attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias)
+            o = self._attend_fused(q, k, v, cache_k.to(q.dtype), cache_v.to(q.dtype), cache_bias, causal_bias)
         else:
             o = attention.split_attention(
-                q.reshape(B, kv, group * T, d), k, v, cache_k, cache_v, cache_bias, causal_bias
+                q.reshape(B, kv, group * T, d), k, v, cache_k.to(q.dtype), cache_v.to(q.dtype), cache_bias, causal_bias
             ).view(B, kv, group, T, d)
         o = o.permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)  # [B,kv,G,T,d] -> [B,T,heads*d]
         return self.shard.all_reduce(self.o_proj(o)), k, v
