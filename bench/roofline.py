@@ -30,6 +30,7 @@ from workload import ROOT, StepCost, measure_bandwidth, measure_matmul
 
 from magicdec_rt import attention, cpu
 from magicdec_rt.checkpoint import build_model, embedded_model_path, load_source
+from magicdec_rt.linear import pack_linears
 from magicdec_rt.model import DecodeStep, PrefillStep
 
 
@@ -187,6 +188,7 @@ def main() -> None:
     else:
         config, state, _, _ = load_source(args.model or embedded_model_path())
         model = build_model(config, state, args.torch_dtype)
+        pack_linears(model)  # as an engine loads it
     call = step_caller(model, engine)
     cost = StepCost(model.cfg, args.torch_dtype.itemsize, args.kv_torch_dtype.itemsize)
     report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), dtype=args.dtype,

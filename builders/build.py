@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import magicdec_rt
-from magicdec_rt import cpu
+from magicdec_rt import cpu, linear
 from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
 from magicdec_rt.cli import OneLineErrors, ShowDefaults, run_cli
 from magicdec_rt.engine import BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets, read_manifest
@@ -181,6 +181,8 @@ def build_engine(
         from magicdec_rt import trt_backend
 
         versions |= trt_backend.versions()
+    compiled_cpu = backend == "aoti" and device == "cpu"
+    packed = compiled_cpu and linear.wanted(DTYPES[dtype], device)
     manifest = Manifest(
         name=out.name,
         backend=backend,
@@ -200,7 +202,9 @@ def build_engine(
         model_sha256=sha256_file(out / "model.safetensors"),
         world_size=world_size,
         versions=versions,
-        cpu_isa=cpu.compiled_isa() if backend == "aoti" and device == "cpu" else [],
+        # CPU graphs need what Inductor compiled for, and AVX512-BF16 where they call the linear kernel.
+        cpu_isa=sorted(set(cpu.compiled_isa()) | ({"avx512_bf16"} if packed else set())) if compiled_cpu else [],
+        packed_linears=packed,
     )
     graphs = {}
     if backend != "eager":
@@ -252,6 +256,8 @@ def _worker_init(out: Path, manifest: Manifest, threads: int) -> None:
     torch.set_num_threads(threads)
     model = load_model_dir(out, manifest.torch_dtype).to(manifest.device)
     reference = model if manifest.dtype == "float32" else load_model_dir(out, torch.float32).to(manifest.device)
+    if manifest.packed_linears:  # as the engine's Steps will load it
+        linear.pack_linears(model)
     _worker.update(out=out, manifest=manifest, model=model, reference=reference, pool=kv_pool(model, manifest))
 
 

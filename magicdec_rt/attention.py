@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-NAME = "magicdec_attention"
+# One library of the package's CPU ops: this attention and ``linear.py``'s bf16 linear layers.
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("attention.cpp", "linear.cpp")]
+NAME = "magicdec_kernels"
 HEAD_DIMS = (64, 128)
 ISAS = ("avx512bf16", "avx512", "avx2", "portable")
 DEFAULT_ISA = os.environ.get("MAGICDEC_KERNEL_ISA") or "auto"
@@ -85,10 +86,10 @@ def kernel_available() -> bool:
         from torch.utils import cpp_extension
 
         if not any(Path(cpp_extension._get_build_directory(NAME, verbose=False)).glob(f"{NAME}*.so")):
-            print("magicdec-rt: compiling the CPU attention kernel (once per machine, ~20 s)", file=sys.stderr)
+            print("magicdec-rt: compiling the CPU kernels (once per machine, ~30 s)", file=sys.stderr)
         cpp_extension.load(
             name=NAME,
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

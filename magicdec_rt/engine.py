@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention, cpu
+from . import attention, cpu, linear
 from .checkpoint import load_model_dir
 from .errors import EngineError
 from .model import DecodeStep, ModelConfig, ObserveStep, PrefillStep
@@ -57,6 +57,7 @@ class Manifest:
     graphs: dict = field(default_factory=dict)  # step name -> {"file", "key", "bytes", "rel_err"}
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
+    packed_linears: bool = False  # compiled CPU graphs call the linear kernel on packed weights
 
     def __post_init__(self):
         if not self.kv_dtype:
@@ -122,6 +123,7 @@ class Manifest:
             "eos_token_ids": self.eos_token_ids,
             "versions": self.versions,
             "cpu_isa": self.cpu_isa,
+            "packed_linears": self.packed_linears,
             "graphs": self.graphs,
         }
 
@@ -156,6 +158,7 @@ class Manifest:
                 device=d["device"],
                 graphs=dict(d.get("graphs", {})),
                 cpu_isa=[str(x) for x in d.get("cpu_isa", [])],
+                packed_linears=bool(d.get("packed_linears", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -296,6 +299,8 @@ class Steps:
             raise EngineError(f"engine {str(directory)!r}: config.json does not match the manifest's model; rebuild it")
         self.device = torch.device(manifest.device)
         self.model.to(self.device)
+        if manifest.backend == "eager" or manifest.packed_linears:  # compiled graphs take the weights they were built with
+            linear.pack_linears(self.model)
         self.backend = manifest.backend
         self._modules = {kind: step_module(self.model, kind) for kind in ("prefill", "decode")}
         # SnapKV's observation runs once per long prompt: eager on every backend.

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention
+from .linear import Linear
 from .parallel import Shard
 
 # Off the CPU, blocks of at least this many tokens use the fused SDPA kernel (see Attention).
@@ -88,10 +89,10 @@ class Attention(nn.Module):
         k0, k1 = shard.span(cfg.num_kv_heads)
         self.kv, self.group, self.d = k1 - k0, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         h, kv, d = self.kv * self.group, self.kv, self.d
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, h * d)
+        self.k_proj = Linear(cfg.hidden_size, kv * d)
+        self.v_proj = Linear(cfg.hidden_size, kv * d)
+        self.o_proj = Linear(h * d, cfg.hidden_size)
 
     def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias, scores=None):
         B, T, _ = x.shape
@@ -148,9 +149,9 @@ class MLP(nn.Module):
         super().__init__()
         self.shard = shard
         i0, i1 = shard.span(cfg.intermediate_size)
-        self.gate_proj = nn.Linear(cfg.hidden_size, i1 - i0, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, i1 - i0, bias=False)
-        self.down_proj = nn.Linear(i1 - i0, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, i1 - i0)
+        self.up_proj = Linear(cfg.hidden_size, i1 - i0)
+        self.down_proj = Linear(i1 - i0, cfg.hidden_size)
 
     def forward(self, x):
         return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
@@ -183,7 +184,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_span(cfg.vocab_size)[2], bias=False)
+        self.lm_head = Linear(cfg.hidden_size, shard.vocab_span(cfg.vocab_size)[2])
         if cfg.tie_word_embeddings and shard.world == 1:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
