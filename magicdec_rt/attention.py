@@ -86,7 +86,7 @@ def kernel_available() -> bool:
         from torch.utils import cpp_extension
 
         if not any(Path(cpp_extension._get_build_directory(NAME, verbose=False)).glob(f"{NAME}*.so")):
-            print("magicdec-rt: compiling the CPU kernels (once per machine, ~30 s)", file=sys.stderr)
+            print("magicdec-rt: compiling the CPU kernels (once per machine, ~25 s)", file=sys.stderr)
         cpp_extension.load(
             name=NAME,
             sources=[str(s) for s in SOURCES],
