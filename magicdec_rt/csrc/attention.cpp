@@ -403,9 +403,9 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 // bfloat16 caches on CPUs with AVX512-BF16, for 5 or more query rows per KV head (the verify steps
 // at group size 3; fewer rows go to Kernel<16, D>, whose keys-in-lanes scores are bound by reading
 // the cache rather than by arithmetic, and which ran as fast or faster there than this path or a
-// keys-in-lanes bf16 variant, since removed). q.k and p.v are dot
-// products of bf16 pairs (vdpbf16ps: exact products, float32 sums) read straight from the cache,
-// so K is never widened and V only interleaved by key pairs. q is rounded to bf16 (exact when the
+// keys-in-lanes bf16 variant, since removed). q.k and p.v are dot products of bf16 pairs
+// (vdpbf16ps: exact products, float32 sums) read straight from the cache, so K is never widened
+// and V only interleaved by key pairs. q is rounded to bf16 (exact when the
 // model runs in bf16) and the softmax weights are rounded to bf16 before p.v, as a bf16 GEMM
 // would; the softmax itself stays float32.
 // Scores are computed with the query rows in lanes: the queries of 16 rows as bf16 pairs Qp [D/2]
@@ -421,7 +421,6 @@ constexpr int PREFETCH_KEYS = 128;  // how far ahead of the block being computed
 
 template <int D>
 struct Bf16 {
-  using F = Vec<16>::F;
   static constexpr int Z = D / 32;  // zmm per bf16 key row
   static constexpr int A = D / 16;  // float32 accumulators per query row
   static constexpr int LK = 16;     // keys per block (one score accumulator each)
