@@ -88,6 +88,7 @@ def test_a_bf16_engine_packs_its_linears_and_exports_the_op(bf16_engine):
     assert all(x.packed is not None for x in m.modules() if isinstance(x, linear.Linear))
     assert m.layers[0].mlp.up_proj.weight.numel() == 0  # the packed copy replaces it
     assert m.embed_tokens.weight.numel() > 0  # the embedding (which a tied LM head shares) stays
+    assert not linear.pack_linears(m)  # packing twice is a no-op
     ep = export_step(m, read_manifest(bf16_engine), "verify3@32")
     calls = [n for n in ep.graph.nodes if "magicdec.linear" in str(n.target)]
     assert len(calls) == 7 * m.cfg.num_layers + 1
