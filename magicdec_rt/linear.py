@@ -51,13 +51,12 @@ def wanted(dtype: torch.dtype, device: torch.device | str) -> bool:
 
 def pack_linears(model: nn.Module) -> bool:
     """Pack every ``Linear`` of ``model`` not packed yet for the kernel where ``wanted``; returns
-    whether it packed any.
-    A weight no other module shares is then dropped (the packed copy replaces it); the LM head's,
-    tied to the embedding, stays."""
+    whether it packed any. A weight no other module shares is then dropped (the packed copy
+    replaces it); the LM head's, tied to the embedding, stays."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.in_features % 2 == 0 and m.packed is None]
     if not layers or not wanted(layers[0].weight.dtype, layers[0].weight.device):
         return False
-    shared = {id(p) for name, m in model.named_modules() if not isinstance(m, Linear) for p in m.parameters(False)}
+    shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
     for m in layers:
         m.packed = pack(m.weight.detach())
         if id(m.weight) not in shared:
