@@ -109,3 +109,24 @@ def test_packed_steps_agree_with_onednn(bf16_engine, monkeypatch):
     out = [rt.core.steps("prefill@16", ids, pos, caches, caches, lengths, torch.tensor([15]))[0]
            for rt in (packed, plain)]
     torch.testing.assert_close(out[0], out[1], rtol=0.05, atol=0.05)
+
+
+@needs_kernel
+def test_an_aoti_bf16_engine_calls_the_kernel_and_matches_eager(tmp_path_factory, tiny_hf):
+    """Compiled graphs take the packed weights (the manifest says so, and needs AVX512-BF16) and
+    compute what the eager engine does, up to bf16 rounding of fused elementwise work."""
+    small = dict(dtype="bfloat16", max_batch=4, max_seq_len=32, gammas=[2], default_gamma=2, draft_sinks=2,
+                 draft_budget=8, prefill_chunk=16, show_progress=False)
+    engine = build_engine(tmp_path_factory.mktemp("tiny-aoti-bf16") / "engine", tiny_hf, backend="aoti", **small)
+    m = read_manifest(engine)
+    assert m.packed_linears and "avx512_bf16" in m.cpu_isa
+    compiled = load_steps(engine, m)
+    plain = build_engine(tmp_path_factory.mktemp("tiny-eager-bf16") / "engine", tiny_hf, **small)
+    eager = load_steps(plain, read_manifest(plain))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(m.model.vocab_size, (4, 3), generator=g)
+    caches = [torch.randn(4, compiled.model.kv_heads, 32, 64, generator=g).bfloat16() for _ in range(2)]
+    lengths = torch.tensor([0, 5, 17, 29])
+    pos = lengths[:, None] + torch.arange(3)
+    out = [s("verify2@32", ids, pos, caches, caches, lengths)[0] for s in (compiled, eager)]
+    torch.testing.assert_close(out[0], out[1], rtol=0.05, atol=0.05)
