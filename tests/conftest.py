@@ -65,13 +65,15 @@ def tiny_hf(tmp_path_factory):
     return tiny_hf_model_dir(tmp_path_factory.mktemp("tiny-hf"))
 
 
+# The tiny engine's settings (tests build variants of it in other dtypes): a draft budget
+# (2 sinks + 6 recent) far smaller than its contexts.
+TINY = dict(max_batch=8, max_seq_len=128, max_gamma=4, default_gamma=3, draft_sinks=2, draft_budget=8,
+            prefill_chunk=16, buckets=[16, 32, 64], show_progress=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory, tiny_hf):
-    """A tiny engine whose draft budget (2 sinks + 6 recent) is far smaller than its contexts."""
-    return build_engine(
-        tmp_path_factory.mktemp("tiny") / "engine", tiny_hf, max_batch=8, max_seq_len=128, max_gamma=4, default_gamma=3,
-        draft_sinks=2, draft_budget=8, prefill_chunk=16, buckets=[16, 32, 64], show_progress=False,
-    )
+    return build_engine(tmp_path_factory.mktemp("tiny") / "engine", tiny_hf, **TINY)
 
 
 @pytest.fixture(scope="session")

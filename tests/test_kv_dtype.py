@@ -13,17 +13,14 @@ from builders.export import export_step
 from magicdec_rt import EngineError, Runtime, cpu
 from magicdec_rt.engine import load_steps, read_manifest
 
-from .conftest import copy_engine, edit_manifest
+from .conftest import TINY, copy_engine, edit_manifest
 from .test_runtime import MIXED
 
 
 @pytest.fixture(scope="module")
 def bf16_kv_engine(tmp_path_factory, tiny_hf):
-    return build_engine(
-        tmp_path_factory.mktemp("tiny-bf16kv") / "engine", tiny_hf, dtype="float32", kv_dtype="bfloat16",
-        max_batch=8, max_seq_len=128, max_gamma=4, default_gamma=3, draft_sinks=2, draft_budget=8,
-        prefill_chunk=16, buckets=[16, 32, 64], show_progress=False,
-    )
+    return build_engine(tmp_path_factory.mktemp("tiny-bf16kv") / "engine", tiny_hf, dtype="float32",
+                        kv_dtype="bfloat16", **TINY)
 
 
 @pytest.fixture(scope="module")

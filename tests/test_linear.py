@@ -13,6 +13,8 @@ from builders.export import export_step
 from magicdec_rt import Runtime, attention, cpu, linear
 from magicdec_rt.engine import load_steps, read_manifest
 
+from .conftest import TINY
+
 HERE = linear.wanted(torch.bfloat16, "cpu")
 needs_kernel = pytest.mark.skipif(not HERE, reason="the linear kernel runs on CPUs with AVX512-BF16 (no AMX)")
 
@@ -74,11 +76,7 @@ def test_only_bf16_models_on_avx512_bf16_cpus_without_amx_use_it(monkeypatch):
 
 @pytest.fixture(scope="module")
 def bf16_engine(tmp_path_factory, tiny_hf):
-    return build_engine(
-        tmp_path_factory.mktemp("tiny-bf16") / "engine", tiny_hf, dtype="bfloat16", max_batch=8, max_seq_len=128,
-        max_gamma=4, default_gamma=3, draft_sinks=2, draft_budget=8, prefill_chunk=16, buckets=[16, 32, 64],
-        show_progress=False,
-    )
+    return build_engine(tmp_path_factory.mktemp("tiny-bf16") / "engine", tiny_hf, dtype="bfloat16", **TINY)
 
 
 @needs_kernel
