@@ -1,6 +1,7 @@
 """Every CUDA path of magicdec-rt, checked and measured, in one script for a lent GPU machine
-(run it through ``bench/gpu.sh``). NOT YET RUN ON A GPU: written on a CPU-only machine; only its
-refusal there is tested.
+(run it through ``bench/gpu.sh``). Ran once on an H200 (2026-11-25, ``bench/results/gpu/``):
+the eager parts completed; aoti-cuda builds crashed (see ``aoti_probe``). Without CUDA it refuses
+(tested in CI).
 
     bash bench/gpu.sh                        # everything (split it with --phase if a limit bites)
     bash bench/gpu.sh --phase exact          # eager-cuda / aoti-cuda / CUDA graphs vs the CPU float32 reference
@@ -26,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -55,29 +57,75 @@ def random_model_dir(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def exact(src: Path, work: Path, args) -> dict:
-    from builders.build import build_engine
+EXACT = dict(max_batch=4, max_seq_len=1152, buckets=[1152], gammas=[3], default_gamma=3, dtype="float32",
+             show_progress=False)
+
+
+def exact_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, SMOLLM2["vocab_size"], (n,), generator=g).tolist() for n in (1000, 1024, 950, 1010)]
+
+
+def greedy_tokens(engine: Path, cuda_graphs: bool) -> dict[int, list[list[int]]]:
     from magicdec_rt import Runtime
 
-    opts = dict(max_batch=4, max_seq_len=1152, buckets=[1152], gammas=[3], default_gamma=3, dtype="float32",
-                show_progress=False)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, SMOLLM2["vocab_size"], (n,), generator=g).tolist() for n in (1000, 1024, 950, 1010)]
-    engines = {"cpu eager": build_engine(work / "exact-cpu", src, backend="eager", device="cpu", **opts)}
-    for backend in args.backends:
-        engines[f"cuda {backend}"] = build_engine(work / f"exact-cuda-{backend}", src, backend=backend, device="cuda", **opts)
-    tokens, report = {}, {}
-    for name, eng in engines.items():
-        for graphs in ([False, True] if name.startswith("cuda") else [False]):
-            rt = Runtime.load(eng, cuda_graphs=graphs)
-            label = name + (" + CUDA graphs" if graphs else "")
-            tokens[label] = {gamma: [r.token_ids for r in rt.generate(prompts, max_new_tokens=16, gamma=gamma)]
-                             for gamma in (0, 3)}
-            ref = tokens["cpu eager"]
-            report[label] = {f"gamma {gamma}": sum(a == b for a, b in zip(tokens[label][gamma], ref[gamma]))
-                             for gamma in (0, 3)}
-            print(f"  {label}: rows equal to the CPU float32 reference {report[label]}", file=sys.stderr)
-    return {"rows": len(prompts), "equal_rows": report}
+    rt = Runtime.load(engine, cuda_graphs=cuda_graphs)
+    return {gamma: [r.token_ids for r in rt.generate(exact_prompts(), max_new_tokens=16, gamma=gamma)]
+            for gamma in (0, 3)}
+
+
+def exact(src: Path, work: Path, backend: str, ref: dict) -> dict:
+    """Rows of a CUDA engine (without and with CUDA graphs) equal to the CPU float32 reference."""
+    from builders.build import build_engine
+
+    t0 = time.perf_counter()
+    eng = build_engine(work / f"exact-cuda-{backend}", src, backend=backend, device="cuda", **EXACT)
+    report = {"build_s": round(time.perf_counter() - t0, 1)}
+    for graphs in (False, True):
+        toks = greedy_tokens(eng, graphs)
+        label = "CUDA graphs" if graphs else "no graphs"
+        report[label] = {f"gamma {gamma}": sum(a == b for a, b in zip(toks[gamma], ref[gamma])) for gamma in (0, 3)}
+        log(f"cuda {backend} {label}: rows equal to the CPU float32 reference {report[label]} of {len(ref[0])}")
+    return report
+
+
+PROBE = """
+import sys, tempfile, torch
+from pathlib import Path
+from builders.compile import AOTI_OPTIONS
+case = sys.argv[1]
+if "kernel" in case:
+    from magicdec_rt import attention
+    attention.kernel_available()
+m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU()).cuda()
+x = torch.randn(4, 64, device="cuda")
+ep = torch.export.export(m, (x,))
+path = str(Path(tempfile.mkdtemp()) / "g.pt2")
+torch._inductor.aoti_compile_and_package(ep, package_path=path,
+                                         inductor_configs=dict(AOTI_OPTIONS) if "options" in case else {})
+g = torch._inductor.aoti_load_package(path)
+if "options" in case:
+    g.load_constants(dict(m.named_parameters()), check_full_update=True, user_managed=True)
+torch.testing.assert_close(g(x), m(x))
+print("ok")
+"""
+
+
+def aoti_probe() -> dict:
+    """Which ingredient of an aoti-cuda graph crashes a process (the H200 run of 2026-11-25 segfaulted
+    in ``aoti_load_package``): a two-layer model compiled with Inductor's defaults, with the engine's
+    options (weights outside the package, freezing), and with those after loading the CPU kernels.
+    Each case runs in its own process, so a crash is reported by its exit status."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = {}
+    for case in ("defaults", "options", "options+kernel"):
+        proc = subprocess.run([sys.executable, "-c", PROBE, case], capture_output=True, text=True, env=env, timeout=300)
+        out[case] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1]
+        log(f"aoti probe {case}: {out[case]}")
+    return out
 
 
 def step_ms(fn, repeats: int) -> float:
@@ -95,46 +143,44 @@ def step_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def speed(src: Path, work: Path, args, acceptance: dict) -> list[dict]:
+def speed(src: Path, work: Path, args, backend: str, B: int, acceptance: list[float]) -> list[dict]:
+    """AR, draft and verify step times of one bf16 engine at batch B, per context."""
     from builders.build import build_engine
     from magicdec_rt.cuda_graphs import GraphedSteps
     from magicdec_rt.engine import load_steps, read_manifest
     from magicdec_rt.planner import omega
 
+    t0 = time.perf_counter()
+    eng = build_engine(work / f"speed-{backend}-b{B}", src, backend=backend, device="cuda", dtype="bfloat16",
+                       max_batch=B, max_seq_len=max(args.contexts), buckets=args.contexts, gammas=args.gammas,
+                       default_gamma=args.gammas[-1], show_progress=False)
+    build_s = round(time.perf_counter() - t0, 1)
+    m = read_manifest(eng)
+    steps = GraphedSteps(load_steps(eng, m))
+    kv, d, L = m.model.num_kv_heads, m.model.head_dim, m.model.num_layers
+    dev, dt = torch.device("cuda"), m.torch_dtype
+
+    def inputs(T, slots, length):
+        caches = [[torch.randn(B, kv, slots, d, device=dev, dtype=dt) * 0.5 for _ in range(L)] for _ in range(2)]
+        ids = torch.randint(0, m.model.vocab_size, (B, T), device=dev)
+        pos = (length + torch.arange(T, device=dev)).expand(B, T).contiguous()
+        return ids, pos, caches[0], caches[1], torch.full((B,), length, device=dev)
+
+    draft_in = inputs(1, m.draft_slots, m.draft_budget)
+    draft = step_ms(lambda: steps("draft", *draft_in), args.repeats)
     rows = []
-    for backend in args.backends:
-        for B in args.batches:
-            eng = build_engine(work / f"speed-{backend}-b{B}", src, backend=backend, device="cuda", dtype="bfloat16",
-                               max_batch=B, max_seq_len=max(args.contexts), buckets=args.contexts, gammas=args.gammas,
-                               default_gamma=args.gammas[-1], show_progress=False)
-            m = read_manifest(eng)
-            steps = GraphedSteps(load_steps(eng, m))
-            kv, d, L = m.model.num_kv_heads, m.model.head_dim, m.model.num_layers
-            dev, dt = torch.device("cuda"), m.torch_dtype
-
-            def inputs(T, slots, length):
-                caches = [[torch.randn(B, kv, slots, d, device=dev, dtype=dt) * 0.5 for _ in range(L)] for _ in range(2)]
-                ids = torch.randint(0, m.model.vocab_size, (B, T), device=dev)
-                pos = (length + torch.arange(T, device=dev)).expand(B, T).contiguous()
-                return ids, pos, caches[0], caches[1], torch.full((B,), length, device=dev)
-
-            draft_in = inputs(1, m.draft_slots, m.draft_budget)
-            draft = step_ms(lambda: steps("draft", *draft_in), args.repeats)
-            for S in args.contexts:
-                cost = {}
-                for g in [0, *args.gammas]:
-                    x = inputs(g + 1, S, S - g - 1)
-                    cost[g] = step_ms(lambda: steps(f"verify{g}@{S}", *x), args.repeats)
-                    del x
-                row = dict(backend=backend, batch=B, context=S, ar_ms=cost[0], draft_ms=draft,
-                           verify_ms={g: cost[g] for g in args.gammas})
-                # Predicted: tokens per round (CPU-measured acceptance) x AR step / round cost.
-                row["predicted_speedup"] = {g: omega(acceptance[:g]) * cost[0] / (g * draft + cost[g]) for g in args.gammas}
-                rows.append(row)
-                print(f"  {backend} B{B} S{S}: AR {cost[0]:.2f} ms, draft {draft:.2f} ms, verify "
-                      f"{', '.join(f'g{g} {cost[g]:.2f}' for g in args.gammas)} ms", file=sys.stderr)
-            del steps
-            torch.cuda.empty_cache()
+    for S in args.contexts:
+        cost = {}
+        for g in [0, *args.gammas]:
+            x = inputs(g + 1, S, S - g - 1)
+            cost[g] = step_ms(lambda: steps(f"verify{g}@{S}", *x), args.repeats)
+        row = dict(backend=backend, batch=B, context=S, build_s=build_s, ar_ms=cost[0], draft_ms=draft,
+                   verify_ms={g: cost[g] for g in args.gammas})
+        # Predicted: tokens per round (CPU-measured acceptance) x AR step / round cost.
+        row["predicted_speedup"] = {g: omega(acceptance[:g]) * cost[0] / (g * draft + cost[g]) for g in args.gammas}
+        rows.append(row)
+        log(f"{backend} B{B} S{S}: AR {cost[0]:.2f} ms, draft {draft:.2f} ms, verify "
+            + ", ".join(f"g{g} {cost[g]:.2f}" for g in args.gammas) + " ms")
     return rows
 
 
@@ -148,6 +194,24 @@ def cpu_acceptance(path: Path) -> list[float]:
     return conditional + conditional[-1:] * 8  # gammas past the sweep's: its last position's
 
 
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def table(rows: list[dict], gammas: list[int]) -> str:
+    lines = ["| backend | batch | context | AR ms | draft ms | " + " | ".join(f"verify g{g} ms" for g in gammas)
+             + " | " + " | ".join(f"predicted g{g} (CPU acceptance)" for g in gammas) + " |",
+             "|---" * (5 + 2 * len(gammas)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['context']} | {r['ar_ms']:.2f} | {r['draft_ms']:.2f} | "
+                     + " | ".join(f"{r['verify_ms'][g]:.2f}" for g in gammas) + " | "
+                     + " | ".join(f"{r['predicted_speedup'][g]:.2f}x" for g in gammas) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", choices=["exact", "speed", "all"], default="all")
@@ -156,6 +220,8 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 3])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--deadline", type=float, default=540.0,
+                   help="seconds after which no new part starts (the machines stop a command at 600)")
     p.add_argument("--work", type=Path, default=ROOT / "engines" / "gpu")
     p.add_argument("--acceptance-from", type=Path, default=ROOT / "bench" / "results" / "sweep-b16-7680-kernel" / "sweep.json")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu" / "gpu.json")
@@ -164,27 +230,57 @@ def main() -> None:
         print("bench/gpu.py: error: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine",
               file=sys.stderr)
         sys.exit(2)
-    t0 = time.perf_counter()
-    src = random_model_dir(args.work / "random-smollm2")
+    import transformers
+
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "command": " ".join(sys.argv), "model": "random weights, SmolLM2-135M shape"}
+              "transformers": transformers.__version__, "command": " ".join(sys.argv),
+              "model": "random weights, SmolLM2-135M shape", "exact": {}, "speed": [], "errors": {}, "skipped": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        report["wall_s"] = round(time.perf_counter() - T0, 1)
+        args.out.write_text(json.dumps(report, indent=2, default=str))
+
+    def part(name: str, fn):
+        """One part: its failure is recorded and the next part runs; past the deadline it is skipped."""
+        if time.perf_counter() - T0 > args.deadline:
+            report["skipped"].append(name)
+            log(f"{name}: skipped (past --deadline {args.deadline:.0f} s)")
+            return None
+        log(f"{name}: start")
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a GPU run must report every part it can
+            report["errors"][name] = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc().splitlines(True)[-12:])
+            log(f"{name}: FAILED {type(e).__name__}: {e}")
+            return None
+        finally:
+            save()
+
+    src = random_model_dir(args.work / "random-smollm2")
+    ref = None
     if args.phase in ("exact", "all"):
-        report["exact"] = exact(src, args.work, args)
+        from builders.build import build_engine
+
+        ref = part("exact: CPU float32 reference", lambda: greedy_tokens(
+            build_engine(args.work / "exact-cpu", src, backend="eager", device="cpu", **EXACT), False))
     if args.phase in ("speed", "all"):
         acceptance = cpu_acceptance(args.acceptance_from)
         report["acceptance_from_cpu"] = {"file": str(args.acceptance_from), "conditional_per_position": acceptance[:6]}
-        report["speed"] = speed(src, args.work, args, acceptance)
-        print("| backend | batch | context | AR ms | draft ms | " + " | ".join(f"verify g{g} ms" for g in args.gammas)
-              + " | " + " | ".join(f"predicted g{g} (CPU acceptance)" for g in args.gammas) + " |")
-        print("|---" * (5 + 2 * len(args.gammas)) + "|")
-        for r in report["speed"]:
-            print(f"| {r['backend']} | {r['batch']} | {r['context']} | {r['ar_ms']:.2f} | {r['draft_ms']:.2f} | "
-                  + " | ".join(f"{r['verify_ms'][g]:.2f}" for g in args.gammas) + " | "
-                  + " | ".join(f"{r['predicted_speedup'][g]:.2f}x" for g in args.gammas) + " |")
-    report["wall_s"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"written {args.out} in {report['wall_s']:.0f} s", file=sys.stderr)
+    # Eager before aoti, so that a run cut short still reports what the cheap parts reached.
+    for backend in sorted(args.backends, key=["eager", "aoti"].index):
+        if backend == "aoti":
+            report["aoti_probe"] = part("aoti probe", aoti_probe)
+        if ref is not None:
+            report["exact"][backend] = part(f"exact: cuda {backend}", lambda: exact(src, args.work, backend, ref))
+        if args.phase in ("speed", "all"):
+            for B in args.batches:
+                report["speed"] += part(f"speed: {backend} B{B}",
+                                        lambda: speed(src, args.work, args, backend, B, acceptance)) or []
+    if report["speed"]:
+        print(table(report["speed"], args.gammas))
+    save()
+    log(f"written {args.out}")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class EngineCore:
         self.filling.remove(b)
         if self.speculate:
             self._fill_draft(b, r.prompt)
-        rules = RowRules([r.rule])
+        rules = RowRules([r.rule], self.device)
         e = noise(r.seed, len(r.prompt), self.manifest.model.vocab_size)[None] if rules.groups[0][1] else None
         token, _ = rules.select(logits, e, r.uniforms(1))
         self.nxt[b] = int(token[0])
@@ -236,7 +236,7 @@ class EngineCore:
             return self._draft_round(gamma, rules, *inputs)
         from .cuda_graphs import replay
 
-        key = (gamma, tuple((sp, seeded, tuple(rows.tolist())) for sp, seeded, rows in rules.groups))
+        key = (gamma, rules.key)
         round_ = lambda *a: self._draft_round(gamma, rules, *a)  # noqa: E731
         return replay(self._draft_graphs, key, round_, inputs, pinned=lambda i, t: False)
 
@@ -248,7 +248,7 @@ class EngineCore:
         # homogeneous batch has one set of groups (one captured draft graph per gamma on CUDA).
         kinds = {self.slots[b].rule for b in live}
         fill = next(iter(kinds)) if len(kinds) == 1 else None
-        rules = RowRules([self.slots[b].rule if b in live else fill for b in range(m.max_batch)])
+        rules = RowRules([self.slots[b].rule if b in live else fill for b in range(m.max_batch)], dev)
         longest = max(self.lengths[b] for b in live)
         steady = len(live) == totals.target_rows and not self.filling
         before = sum(len(self.slots[b].tokens) for b in live)

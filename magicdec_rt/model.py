@@ -210,8 +210,8 @@ class Transformer(nn.Module):
         sin = (emb.sin() * self.rope_scaling).to(x.dtype)
         # Masks as additive biases (0 or -inf), built once per step for all layers.
         slots = torch.arange(S, device=tokens.device)
-        neg = torch.full((), float("-inf"), dtype=x.dtype)
-        zero = torch.zeros((), dtype=x.dtype)
+        neg = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)  # on the device: CUDA graphs copy no CPU scalar
         cache_bias = torch.where(slots[None, :] < lengths[:, None], zero, neg)[:, None, None, :]  # [B,1,1,S]
         idx = torch.arange(T, device=tokens.device)
         causal_bias = torch.where(idx[None, :] <= idx[:, None], zero, neg)  # [T,T]

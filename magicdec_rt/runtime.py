@@ -179,7 +179,7 @@ class Runtime:
             return 1e3 * statistics.median(times)
 
         self._take_over()  # the caches are overwritten: a stream in flight must stop
-        modes = {"greedy": RowRules([None] * B), "sampled": RowRules([(SamplingParams(temperature=0.7), False)] * B)}
+        modes = {"greedy": RowRules([None] * B, dev), "sampled": RowRules([(SamplingParams(temperature=0.7), False)] * B, dev)}
         verify = {g: {} for g in m.gammas}
         steps = [(g, bucket) for g in m.gammas for bucket in m.context_buckets]
         bar = tqdm(steps, desc="calibrate", unit="step", leave=False, disable=not self.show_progress)

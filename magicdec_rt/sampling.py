@@ -95,7 +95,7 @@ def accept_matching(drafts: torch.Tensor, choice: torch.Tensor) -> tuple[torch.T
     """Greedy and seeded rows: keep drafts ``[n, g]`` while they equal the target's tokens
     ``choice [n, g+1]``; the extra token is the target's token after them."""
     accepted = (drafts == choice[:, : drafts.shape[1]]).long().cumprod(-1).sum(-1)
-    return accepted, choice[torch.arange(len(choice)), accepted]
+    return accepted, choice[torch.arange(len(choice), device=choice.device), accepted]
 
 
 def accept_rejection(drafts, draft_probs, target_probs, u_accept, u_extra) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,7 @@ def accept_rejection(drafts, draft_probs, target_probs, u_accept, u_extra) -> tu
     [n, g, V]``, against ``target_probs [n, g+1, V]``, with uniforms ``u_accept [n, g]`` and
     ``u_extra [n]`` in (0, 1]."""
     n, g = drafts.shape
-    rows = torch.arange(n)
+    rows = torch.arange(n, device=drafts.device)
     p_d = target_probs[:, :g].gather(-1, drafts[..., None])[..., 0]
     q_d = draft_probs.gather(-1, drafts[..., None])[..., 0]
     # u < p/q written without the division; q_d > 0 because d was drawn from q.
@@ -121,11 +121,13 @@ class RowRules:
     ``noise [B, n, V]`` (rows that are seeded; positions of the round) and uniforms ``u [B, n]``
     (unseeded rows)."""
 
-    def __init__(self, rules):
+    def __init__(self, rules, device: torch.device | str = "cpu"):
         groups: dict = {}
         for b, rule in enumerate(rules):
             groups.setdefault(rule or (SamplingParams(), False), []).append(b)
-        self.groups = [(sp, seeded, torch.tensor(rows)) for (sp, seeded), rows in groups.items()]
+        # Row indices live on the logits' device: a captured CUDA graph cannot copy them there.
+        self.groups = [(sp, seeded, torch.tensor(rows, device=device)) for (sp, seeded), rows in groups.items()]
+        self.key = tuple((sp, seeded, tuple(rows)) for (sp, seeded), rows in groups.items())
         self.greedy = all(sp.greedy for sp, _, _ in self.groups)
 
     def select(self, logits: torch.Tensor, noise=None, u=None):

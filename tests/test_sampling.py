@@ -68,6 +68,14 @@ def test_sample_is_inverse_cdf_and_never_picks_zero_mass():
     assert sample(probs, u).tolist() == [1, 1, 3, 3]
 
 
+def test_row_rules_index_rows_on_the_logits_device():
+    """Group row indices are built on the device given (a captured CUDA draft round cannot copy
+    them from the CPU); the graph key is plain data, read without touching the device."""
+    rules = RowRules([None, (SamplingParams(temperature=0.7), True), None], "meta")
+    assert [rows.device.type for _, _, rows in rules.groups] == ["meta", "meta"]
+    assert rules.key == ((SamplingParams(), False, (0, 2)), (SamplingParams(temperature=0.7), True, (1,)))
+
+
 def test_greedy_accept_keeps_the_agreeing_prefix():
     target = torch.full((3, 4, 5), -1.0)
     best = torch.tensor([[1, 2, 3, 4], [1, 0, 3, 4], [0, 2, 3, 4]])

@@ -77,6 +77,19 @@ def test_prefill_step_returns_logits_at_last(tiny_engine):
     torch.testing.assert_close(last, torch.stack([full[0, 7], full[1, 3]]))
 
 
+def test_steps_compute_only_on_their_device(tiny_engine):
+    """Every step exported on a non-CPU device (meta, standing in for CUDA) creates no tensor on
+    the CPU: a CUDA graph cannot capture the copy of a CPU tensor, and AOTInductor turns one into
+    a host constant (the H200 run of bench/gpu.sh failed on both before the masks' scalars moved)."""
+    manifest = read_manifest(tiny_engine)
+    model = load_model_dir(tiny_engine, torch.float32).to("meta")
+    for name in manifest.step_names():
+        ep = export_step(model, manifest, name, device="meta")
+        off = [n.name for n in ep.graph.nodes
+               if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type != "meta"]
+        assert off == [], (name, off)
+
+
 def test_every_step_exports_at_static_shapes(tiny_engine):
     """Each step of the engine passes torch.export; the exported graph computes what eager does."""
     manifest = read_manifest(tiny_engine)
