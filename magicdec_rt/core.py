@@ -175,7 +175,7 @@ class EngineCore:
     def _fill_draft(self, b: int, prompt: list[int]) -> None:
         """The draft cache of a freshly prefilled row, by the cache's policy."""
         if self.draft.policy.kind != "snapkv" or len(prompt) <= self.draft.budget:
-            self.draft.absorb(self.full, b, 0, len(prompt))
+            self.draft.absorb(self.full, [(b, 0, len(prompt))])
         else:
             self._snap(b, prompt)
 
@@ -282,19 +282,24 @@ class EngineCore:
         # The one host synchronisation of the round: what each row accepted.
         acc, extra, tokens = acc.tolist(), extra.tolist(), tokens.tolist()
         by_mode = {"greedy": [], "sampled": []}
+        spans = []  # (row, first slot, tokens): what each continuing row commits
         for b in live:
             r, a = self.slots[b], acc[b]
             by_mode[mode(r.params.greedy)].append(a)
             r.observe(g, a)
             r.push(tokens[b][1 : a + 1] + [extra[b]], self.tokenizer, m.eos_token_ids)
             if not r.done:
-                self.full.write(b, self.lengths[b], k[:, b, :, : a + 1], v[:, b, :, : a + 1])
-                if self.speculate:
-                    self.draft.absorb(self.full, b, self.lengths[b], self.lengths[b] + a + 1)
-                self.lengths[b] += a + 1
-                self.nxt[b] = extra[b]
-                if self.speculate and self.draft.due(b, self.lengths[b]):
-                    self._snap(b, (r.prompt + r.tokens)[: self.lengths[b]])
+                spans.append((b, self.lengths[b], a + 1))
+        # One copy per cache for all rows: per-row copies (about ten small ops each) added ~1 ms to
+        # every round at batch 8, 4% of a 2k-context step.
+        self.full.write_rows(spans, k, v)
+        if self.speculate:
+            self.draft.absorb(self.full, [(b, start, start + n) for b, start, n in spans])
+        for b, start, n in spans:
+            self.lengths[b] = start + n
+            self.nxt[b] = extra[b]
+            if self.speculate and self.draft.due(b, self.lengths[b]):
+                self._snap(b, (self.slots[b].prompt + self.slots[b].tokens)[: self.lengths[b]])
         round_s = time.perf_counter() - t_round
         totals.decode += round_s
         if steady:

@@ -97,6 +97,18 @@ class KVCache:
         self.k[:, row, :, slot : slot + n] = k
         self.v[:, row, :, slot : slot + n] = v
 
+    def write_rows(self, spans: list[tuple[int, int, int]], k: torch.Tensor, v: torch.Tensor) -> None:
+        """For each ``(row, slot, n)`` of ``spans``, write the first ``n`` tokens of batch row ``row``
+        of ``k, v`` [layers, rows, kv_heads, T, head_dim] into slots [slot, slot+n): one gather and
+        one scatter for all rows (a verify round's accepted tokens)."""
+        rows = [r for r, _, n in spans for _ in range(n)]
+        cols = [j for _, _, n in spans for j in range(n)]
+        slots = [slot + j for _, slot, n in spans for j in range(n)]
+        if rows:
+            rows, cols, slots = (torch.tensor(x, device=self.k.device) for x in (rows, cols, slots))
+            self.k[:, rows, :, slots] = k[:, rows, :, cols].to(self.k.dtype)
+            self.v[:, rows, :, slots] = v[:, rows, :, cols].to(self.v.dtype)
+
     def write_column(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token per row, ``k, v`` of shape [layers, rows, kv_heads, 1, head_dim], row
         ``b`` into slot ``slots[b]``: one operation for the whole batch, no host values."""
@@ -156,35 +168,47 @@ class StreamingCache(KVCache):
         """Slots holding committed tokens when ``length`` tokens are committed."""
         return min(length, self.budget)
 
-    def _ring_slot(self, row: int, positions: torch.Tensor) -> torch.Tensor:
-        s, w = self.ring_start[row], self.budget
+    def _ring_slot(self, ring_start, positions: torch.Tensor) -> torch.Tensor:
+        """The slot of each position past the sinks: its place in the ring that starts at
+        ``ring_start`` (an int, or one per position)."""
+        s, w = ring_start, self.budget
         return torch.where(positions < w, positions, s + (positions - s) % (w - s))
 
-    def _put(self, full: KVCache, row: int, slots: torch.Tensor, pos: torch.Tensor) -> None:
-        """Slots ``slots`` of ``row`` take the full cache's positions ``pos`` (both ``[n]``, or
-        ``[layers, heads, n]`` for a per-head choice)."""
+    def _put(self, full: KVCache, rows, slots: torch.Tensor, pos: torch.Tensor) -> None:
+        """Slots ``slots`` take the full cache's positions ``pos``: of ``rows`` (an int, or one row per
+        position) when both are ``[n]``; of the one row ``rows`` when both are ``[layers, heads, n]``
+        (a per-head choice)."""
         if pos.dim() == 1:
+            rows = torch.as_tensor(rows).expand(pos.shape)
+            r, sl, p = (x.to(self.k.device) for x in (rows, slots, pos))
             for dst, src in ((self.k, full.k), (self.v, full.v)):
-                dst[:, row].index_copy_(2, slots.to(dst.device), src[:, row].index_select(2, pos.to(src.device)))
-            self.positions[:, row][:, :, slots] = pos.cpu()
+                dst[:, r, :, sl] = src[:, r, :, p]
+            self.positions[:, rows, :, slots] = pos.cpu()[:, None, None]
             return
         idx = pos.to(self.k.device)[..., None].expand(-1, -1, -1, self.dim)
         for dst, src in ((self.k, full.k), (self.v, full.v)):
-            dst[:, row, :, slots] = src[:, row].gather(2, idx)
-        self.positions[:, row, :, slots] = pos.cpu()
+            dst[:, rows, :, slots] = src[:, rows].gather(2, idx)
+        self.positions[:, rows, :, slots] = pos.cpu()
 
-    def absorb(self, full: KVCache, row: int, start: int, end: int) -> None:
-        """Copy the committed positions [start, end) of ``row`` from the full cache, keeping only
-        those that survive (sinks and the newest ring's worth), so no ring slot is written twice.
-        ``start == 0`` starts the row afresh (a new request in the slot)."""
-        if start == 0:
-            self.ring_start[row], self.selected_at[row] = self.sinks, None
-            self.positions[:, row] = -1
-        window_start = max(self.ring_start[row], end - (self.budget - self.ring_start[row]))
-        pos = torch.arange(start, end)
-        pos = pos[(pos < self.sinks) | (pos >= window_start)]
-        if pos.numel():
-            self._put(full, row, self._ring_slot(row, pos), pos)
+    def absorb(self, full: KVCache, spans: list[tuple[int, int, int]]) -> None:
+        """For each ``(row, start, end)`` of ``spans``, copy the committed positions [start, end) of
+        ``row`` from the full cache, keeping only those that survive (sinks and the newest ring's
+        worth), so no ring slot is written twice; one copy for all rows. ``start == 0`` starts the
+        row afresh (a new request in the slot)."""
+        rows, ring, pos = [], [], []
+        for row, start, end in spans:
+            if start == 0:
+                self.ring_start[row], self.selected_at[row] = self.sinks, None
+                self.positions[:, row] = -1
+            s = self.ring_start[row]
+            window_start = max(s, end - (self.budget - s))
+            kept = [*range(start, min(end, self.sinks)), *range(max(start, window_start), end)]
+            rows += [row] * len(kept)
+            ring += [s] * len(kept)
+            pos += kept
+        if pos:
+            pos = torch.tensor(pos)
+            self._put(full, torch.tensor(rows), self._ring_slot(torch.tensor(ring), pos), pos)
 
     def due(self, row: int, length: int) -> bool:
         """Whether ``row``, now ``length`` tokens long, is due for a new SnapKV selection."""
@@ -203,4 +227,4 @@ class StreamingCache(KVCache):
         self._put(full, row, torch.arange(s, s + keep), chosen)
         self.ring_start[row], self.selected_at[row] = s + keep, length
         recent = torch.arange(length - ring, length)
-        self._put(full, row, self._ring_slot(row, recent), recent)
+        self._put(full, row, self._ring_slot(self.ring_start[row], recent), recent)

@@ -28,8 +28,11 @@ were (drift moves every step alike, and favouring the untried gamma would make t
 on noise). The alphas are learned online from every verify, per
 sampling mode (greedy or not), with exponential forgetting so they follow the text being
 generated, starting from a prior.
-While gamma = 0 wins nothing is drafted and nothing is learned, so every ``probe_every`` rounds the
+While gamma = 0 wins nothing is drafted and nothing is learned, so after ``probe_every`` rounds the
 planner drafts once with the smallest gamma, unless even perfect acceptance could not win there.
+Each probe after which gamma = 0 still wins doubles the wait (up to 8x), since a probe costs
+what speculation loses there (3-4% of throughput at every 32 rounds, B8 / 2k, bench/sweep.py);
+a gamma chosen on its merits resets it.
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ class Planner:
         self.cost_scale: dict[int, float] = {}  # gamma -> measured / calibrated round time, running
         self.cost_weight = cost_weight
         self._since_draft = 0
+        self._probe_gap = probe_every  # rounds of gamma = 0 before the next probe
 
     def calibrated_ms(self, gamma: int, bucket: int, greedy: bool) -> float:
         m = mode(greedy)
@@ -153,12 +157,15 @@ class Planner:
     def choose(self, bucket, greedy: bool) -> int:
         """The gamma to run next; ``bucket`` as for ``speedup``."""
         best = max(self.gammas, key=lambda g: (self.speedup(g, bucket, greedy), -g))
-        if best == 0:
+        if best:
+            self._probe_gap = self.probe_every
+        else:
             self._since_draft += 1
             probe = min((g for g in self.gammas if g), default=0)
             could_win = any(self.speedup(g, bucket, greedy, [1.0] * g) > 1 for g in self.gammas)
-            if probe and could_win and self._since_draft >= self.probe_every:
+            if probe and could_win and self._since_draft >= self._probe_gap:
                 best = probe
+                self._probe_gap = min(2 * self._probe_gap, 8 * self.probe_every)
         if best:
             self._since_draft = 0
         return best

@@ -62,9 +62,14 @@ def test_planner_turns_speculation_off_where_it_loses_and_probes_back():
     for _ in range(20):  # every draft rejected
         p.observe(1, [0] * 8, greedy=True, bucket=16, round_ms=p.calibrated_ms(1, 16, True))
     assert p.acceptance["greedy"].alphas()[0] < 0.05
-    chosen = [p.choose(16, True) for _ in range(8)]
-    assert chosen == [0, 0, 0, 1, 0, 0, 0, 1]  # plain decoding, with a 1-draft probe every 4th round
+    chosen = [p.choose(16, True) for _ in range(100)]
+    # Plain decoding, with a 1-draft probe every 4th round, then 8th, 16th, 32nd: each probe that
+    # changes nothing doubles the wait, up to 8x.
+    assert [i for i, g in enumerate(chosen) if g] == [3, 11, 27, 59, 91] and set(chosen) == {0, 1}
     assert p.choose(16, False) > 0  # sampled mode learns apart from greedy
+    for _ in range(40):  # drafts accepted again: the probe's round makes speculation win on merit
+        p.observe(1, [1] * 8, greedy=True, bucket=16, round_ms=p.calibrated_ms(1, 16, True))
+    assert p.choose(16, True) > 0 and p._probe_gap == 4  # the wait starts over
 
 
 def test_planner_scales_costs_by_measured_round_times():

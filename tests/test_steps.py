@@ -136,7 +136,7 @@ def test_draft_attends_exactly_to_sinks_and_window(tiny_engine):
         with torch.no_grad():
             _, k, v = DecodeStep(model)(seq[:, :L], torch.arange(L)[None], full.k, full.v, torch.zeros(1, dtype=torch.long))
         full.write(0, 0, k[:, 0], v[:, 0])
-        draft.absorb(full, 0, 0, L)
+        draft.absorb(full, [(0, 0, L)])
         got = []
         base = draft.valid(L)
         for i in range(gamma):
@@ -172,7 +172,7 @@ def test_streaming_cache_ring_keeps_sinks_and_recent(tiny_engine):
     draft = StreamingCache(model, 1, 2, 8, 3, torch.float32)
     pos = 0
     for n in (5, 1, 4, 2, 4, 9, 3):
-        draft.absorb(full, 0, pos, pos + n)
+        draft.absorb(full, [(0, pos, pos + n)])
         pos += n
         held = sorted(draft.k[0, 0, 0, : draft.valid(pos), 0].long().tolist())
         want = sorted(set(range(min(2, pos))) | set(range(max(2, pos - 6), pos)))
