@@ -8,7 +8,7 @@ of different documents, prefilled once; then every policy decodes ``--new-tokens
 fixed gamma (greedy unless ``--temperature``; sampled requests are unseeded, so the rejection
 sampler decides) and reports its acceptance per drafted token and per draft position.
 ``--snapkv W:R[:P[:I]]`` is a SnapKV policy with observation window W, recent ring R (the rest of
-the budget, after the sinks, is the per-head selection), pooling width P (7) and re-selection every
+the budget, after the sinks, is the per-head selection), pooling width P (3) and re-selection every
 I tokens (0: never).
 """
 
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "draft-policies" / "policies.json")
     args = p.parse_args()
-    policies = [DraftPolicy()] + [DraftPolicy("snapkv", *map(int, x.split(":"))) for x in args.snapkv]
+    policies = [DraftPolicy("streaming")] + [DraftPolicy("snapkv", *map(int, x.split(":"))) for x in args.snapkv]
     engine = engine_for(args.batch, args.budget, [args.context], args.new_tokens, [args.gamma], args.dtype)
     SweepRuntime, _ = sweep_runtime_class()
     runtimes = []

@@ -179,7 +179,7 @@ def main() -> None:
     p.add_argument("--context", type=int, nargs="+")
     p.add_argument("--gamma", type=int, nargs="+")
     p.add_argument("--budget", type=int, nargs="+", help="draft budgets (sinks + window slots)")
-    p.add_argument("--policy", nargs="+", default=["streaming"], choices=DraftPolicy.KINDS,
+    p.add_argument("--policy", nargs="+", default=["snapkv"], choices=DraftPolicy.KINDS,
                    help="draft cache policies (kv_cache.DraftPolicy, default settings)")
     p.add_argument("--temperature", type=float, nargs="+")
     p.add_argument("--new-tokens", type=int)

@@ -48,7 +48,7 @@ def test_snapkv_selection_equals_the_reference_from_transformers_attention(snap_
     assert len({tuple(h.tolist()) for h in want.reshape(-1, keep)}) > 1
 
 
-@pytest.mark.parametrize("policy", [DraftPolicy(), SNAP, RESELECT, DraftPolicy("snapkv", window=5, pool=3)],
+@pytest.mark.parametrize("policy", [DraftPolicy("streaming"), SNAP, RESELECT, DraftPolicy("snapkv", window=5, pool=3)],
                          ids=["streaming", "snapkv", "snapkv-reselect", "snapkv-default-ring"])
 def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
     """After a long generation, each slot holds the K/V of the position the policy says, and nothing
@@ -125,3 +125,17 @@ def test_the_observation_step_exports_at_static_shapes(snap_runtime):
     G = cfg.num_heads // cfg.num_kv_heads
     torch.testing.assert_close(want.sum(-1), torch.full_like(want.sum(-1), 5.0 * G))
     assert (want[..., 20:32] == 0).all()  # slots past the length are never attended
+
+
+def test_snapkv_with_pooling_3_is_the_default_everywhere(tiny_engine):
+    """The measured default (README, "The draft cache and its positions") is the same for the
+    Python API, a loaded runtime and the CLI."""
+    import argparse
+
+    from magicdec_rt.cli import add_draft_policy_args, draft_policy
+
+    assert (DraftPolicy().kind, DraftPolicy().pool) == ("snapkv", 3)
+    assert Runtime.load(tiny_engine).core.draft.policy == DraftPolicy()
+    p = argparse.ArgumentParser()
+    add_draft_policy_args(p)
+    assert draft_policy(p.parse_args([])) == DraftPolicy()
