@@ -118,13 +118,16 @@ def build_engine(
     max_rel_err: float | None = None,
     show_progress: bool = True,
     calibrate: bool = False,
+    draft_model: str | Path | None = None,
 ) -> Path:
     """Build an engine directory and return its path. ``dtype="auto"`` picks bfloat16 where the CPU
     multiplies it natively (AMX, AVX-512-BF16) or on CUDA, float32 elsewhere. ``kv_dtype`` is the
     KV caches' (default: ``dtype``; ``"auto"``: ``cpu.auto_kv_dtype`` on the CPU). The engine serves ``gammas`` (default every
     gamma in [0, max_gamma]; 0, plain decoding, is always included) at every context bucket
     (default: powers of two from 512, ending at ``max_seq_len``). ``calibrate`` times the built
-    steps here for the gamma planner (``magicdec-calibrate``)."""
+    steps here for the gamma planner (``magicdec-calibrate``). ``draft_model`` (HF directory or
+    .gguf) drafts instead of the target over its sparse cache: it must share the target's
+    tokenizer; eager, one process (not yet compiled)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
     if dtype == "auto":
         dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"
@@ -135,6 +138,9 @@ def build_engine(
     kv_dtype = kv_dtype or dtype
     _check_options(backend, device, dtype, kv_dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
                    prefill_chunk, world_size, buckets)
+    if draft_model is not None and (backend != "eager" or world_size > 1):
+        raise EngineError(f"--draft-model runs with --backend eager and world_size 1 only (not yet compiled): "
+                          f"got backend {backend!r}, world_size {world_size}")
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file() and not (out / "graphs").is_dir():
@@ -149,6 +155,7 @@ def build_engine(
         raise EngineError(f"world_size={world_size} is out of range: must be in [1, {cfg.num_kv_heads}] (the model's KV heads)")
     if buckets and max(buckets) > seq:
         raise EngineError(f"bucket {max(buckets)} is out of range: buckets must be <= max_seq_len {seq}")
+    drafter = None if draft_model is None else _draft_source(Path(draft_model), config, tokenizer, seq)
     context_buckets = default_buckets(seq) if buckets is None else sorted(set(buckets) | {seq})
 
     # The manifest goes last: a directory without one is not an engine, so an interrupted build
@@ -164,6 +171,7 @@ def build_engine(
         for rank, part in enumerate(rank_weights(weights, config, world_size)):
             save_file(part, out / rank_file(rank), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    _write_draft(out / "draft", drafter, dtype)
     tokenizer.save_pretrained(out)
     if generation is not None:
         generation.save_pretrained(out)
@@ -205,6 +213,7 @@ def build_engine(
         # CPU graphs need what Inductor compiled for, and AVX512-BF16 where they call the linear kernel.
         cpu_isa=sorted(set(cpu.compiled_isa()) | ({"avx512_bf16"} if packed else set())) if compiled_cpu else [],
         packed_linears=packed,
+        draft_model=None if drafter is None else ModelConfig.from_hf(drafter[0]),
     )
     graphs = {}
     if backend != "eager":
@@ -221,6 +230,31 @@ def build_engine(
 
         calibrate_engine(out, show_progress=show_progress)
     return out
+
+
+def _draft_source(path: Path, config: dict, tokenizer, seq: int) -> tuple[dict, dict]:
+    """The draft model's (HF config, state dict), checked against the target's tokenizer."""
+    dconfig, dstate, dtok, _ = load_source(path)
+    where = f"draft model {str(path)!r}"
+    if dconfig["vocab_size"] != config["vocab_size"] or dtok.get_vocab() != tokenizer.get_vocab():
+        raise EngineError(f"{where} has another vocabulary than the target ({dconfig['vocab_size']} vs "
+                          f"{config['vocab_size']} tokens, or different tokens): a draft must share the target's tokenizer")
+    if dconfig.get("max_position_embeddings", seq) < seq:
+        raise EngineError(f"{where} has a context of {dconfig['max_position_embeddings']} tokens, below max_seq_len {seq}")
+    return dconfig, dstate
+
+
+def _write_draft(directory: Path, drafter, dtype: str) -> None:
+    """The draft model's HF directory inside the engine (none without one: a stale one goes)."""
+    if drafter is None:
+        for f in ("config.json", "model.safetensors"):
+            (directory / f).unlink(missing_ok=True)
+        return
+    directory.mkdir(exist_ok=True)
+    config, state = drafter
+    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
 def build_like(engine: str | Path, out_dir: str | Path, **overrides) -> Path:
@@ -322,6 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--draft-sinks", type=int, default=16, help="draft cache slots kept for the first tokens")
     p.add_argument("--draft-budget", type=int, default=256, help="draft cache slots: sinks + recent window")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
+    p.add_argument("--draft-model", help="a smaller model with the same tokenizer (HF directory or .gguf) that drafts "
+                   "instead of the target itself (default: self-speculation; eager only)")
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
     p.add_argument("--max-rel-err", type=float, default=None,
@@ -352,6 +388,7 @@ def main(argv=None) -> int:
             draft_budget=args.draft_budget,
             prefill_chunk=args.prefill_chunk,
             world_size=args.world_size,
+            draft_model=args.draft_model,
             show_progress=not args.quiet,
             # Only where the engine can run here as one process.
             calibrate=not args.no_calibrate and args.world_size == 1 and (args.device == "cpu" or torch.cuda.is_available()),

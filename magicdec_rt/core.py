@@ -44,19 +44,29 @@ from .sampling import RowRules, noise
 
 class EngineCore:
     def __init__(self, manifest, steps, tokenizer, planner: Planner | None, gamma, cuda_graphs: bool = False,
-                 chunks_per_round: int | None = None, show_progress: bool = False, policy=DraftPolicy()):
+                 chunks_per_round: int | None = None, show_progress: bool = False, policy=DraftPolicy(),
+                 draft_steps=None):
         self.manifest, self.tokenizer, self.planner = manifest, tokenizer, planner
         self.gamma, self.chunks_per_round, self.show_progress = gamma, chunks_per_round, show_progress
-        self._raw_steps, self._draft_graphs, self.cuda_graphs = steps, {}, cuda_graphs
+        # The drafter: the target itself over its sparse cache, or a standalone draft model, which
+        # then keeps its own full cache (its prompt K/V, and the K/V it drafted for committed
+        # tokens) for the policy to select from, as the target's serves self-speculation.
+        self.standalone = draft_steps is not None
+        self._raw_steps, self._raw_draft_steps = steps, draft_steps or steps
+        self._draft_graphs, self.cuda_graphs = {}, cuda_graphs
         if cuda_graphs:
             from .cuda_graphs import GraphedSteps
 
             steps = GraphedSteps(steps)
+            draft_steps = draft_steps and GraphedSteps(draft_steps)
         self.steps, self.device = steps, steps.device
+        self.draft_steps = draft_steps or steps
         m, dt = manifest, manifest.kv_torch_dtype
         self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt, self.device)
-        self.draft = StreamingCache(steps.model, m.max_batch, m.draft_sinks, m.draft_budget, m.max_gamma, dt,
-                                    self.device, policy)
+        drafter = self.draft_steps.model
+        self.draft_full = KVCache(drafter, m.max_batch, m.max_seq_len, dt, self.device) if self.standalone else self.full
+        self.draft = StreamingCache(drafter, m.max_batch, m.draft_sinks, m.draft_budget,
+                                    m.draft_slots - m.draft_budget, dt, self.device, policy)
         self.slots: list[Request | None] = [None] * m.max_batch
         self.lengths = [0] * m.max_batch  # cache slots holding the row's tokens
         self.nxt = [0] * m.max_batch  # a live row's newest token, not yet in the cache
@@ -131,6 +141,7 @@ class EngineCore:
         """Lay the full cache out at the smallest bucket holding ``slots`` slots and every
         occupied row's tokens (a smaller layout would drop them)."""
         self.full.resize(self._bucket(max(slots, *self._held())))
+        self.draft_full.resize(self.full.slots)
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the oldest prefilling request; its first token once its prompt is in."""
@@ -151,6 +162,11 @@ class EngineCore:
         logits, k, v = self.steps(f"prefill@{self.full.slots}", tokens, positions, ck, cv,
                                   torch.tensor([start], device=dev), torch.tensor([len(seg) - 1], device=dev))
         self.full.write(b, start, k[:, 0, :, : len(seg)], v[:, 0, :, : len(seg)])
+        if self.standalone and self.speculate:
+            ck, cv = self.draft_full.view(slice(b, b + 1))
+            _, k, v = self.draft_steps(f"prefill@{self.full.slots}", tokens, positions, ck, cv,
+                                       torch.tensor([start], device=dev), torch.tensor([len(seg) - 1], device=dev))
+            self.draft_full.write(b, start, k[:, 0, :, : len(seg)], v[:, 0, :, : len(seg)])
         self.lengths[b] = start + len(seg)
         if self.lengths[b] == len(r.prompt):
             self._prompt_done(b, logits.reshape(1, -1))
@@ -175,21 +191,21 @@ class EngineCore:
     def _fill_draft(self, b: int, prompt: list[int]) -> None:
         """The draft cache of a freshly prefilled row, by the cache's policy."""
         if self.draft.policy.kind != "snapkv" or len(prompt) <= self.draft.budget:
-            self.draft.absorb(self.full, [(b, 0, len(prompt))])
+            self.draft.absorb(self.draft_full, [(b, 0, len(prompt))])
         else:
             self._snap(b, prompt)
 
     def _snap(self, b: int, tokens: list[int]) -> None:
-        """SnapKV selection for row ``b`` holding ``tokens`` (all committed, all in the full cache):
-        the newest ``window`` tokens re-run over the cache of those before them, and their
-        attention decides."""
+        """SnapKV selection for row ``b`` holding ``tokens`` (all committed, all in the drafter's
+        full cache): the newest ``window`` tokens re-run by the drafter over the cache of those
+        before them, and their attention decides."""
         L, dev = len(tokens), self.device
         w = min(self.draft.policy.window, L)
-        ck, cv = self.full.view(slice(b, b + 1))
-        S = self.full.slots
-        scores = self.steps(f"observe@{S}", torch.tensor([tokens[L - w :]], device=dev),
-                            torch.arange(L - w, L, device=dev)[None], ck, cv, torch.tensor([L - w], device=dev))
-        self.draft.select(self.full, b, L, torch.cat((scores[:, 0, :, : L - w], scores[:, 0, :, S:]), dim=-1))
+        ck, cv = self.draft_full.view(slice(b, b + 1))
+        S = self.draft_full.slots
+        scores = self.draft_steps(f"observe@{S}", torch.tensor([tokens[L - w :]], device=dev),
+                                  torch.arange(L - w, L, device=dev)[None], ck, cv, torch.tensor([L - w], device=dev))
+        self.draft.select(self.draft_full, b, L, torch.cat((scores[:, 0, :, : L - w], scores[:, 0, :, S:]), dim=-1))
 
     # ------------------------------------------------------------------ decoding
 
@@ -218,15 +234,20 @@ class EngineCore:
         into the draft cache's scratch slots ``base + i``. Returns the drafts ``[B, gamma]`` and
         the distributions unseeded rows drew them from (``[B, gamma, V]``; empty when there are
         none). Tensors only (empty ones for absent noise ``e`` or uniforms ``u``), no host values:
-        on CUDA the whole round is one graph."""
+        on CUDA the whole round is one graph. A standalone draft model also runs its last draft, for
+        that token's K/V (kept should every draft be accepted)."""
         dk, dv = self.draft.view(slice(None))
         drafts, qs = [], []
-        for i in range(gamma):
-            logits, k, v = self._raw_steps("draft", x[:, None], (L + i)[:, None], dk, dv, base + i)
+        for i in range(gamma + self.standalone):
+            logits, k, v = self._raw_draft_steps("draft", x[:, None], (L + i)[:, None], dk, dv, base + i)
             self.draft.write_column(base + i, k, v)
+            if i == gamma:
+                break
             x, q = rules.select(logits[:, 0], e[:, i] if e.numel() else None, u[:, i] if u.numel() else None)
             drafts.append(x)
             qs.append(q)
+        if not drafts:
+            return x.new_zeros(0), x.new_zeros(0)
         return torch.stack(drafts, dim=1), x.new_zeros(0) if qs[0] is None else torch.stack(qs, dim=1)
 
     def _draft(self, gamma: int, rules: RowRules, *inputs):
@@ -263,10 +284,14 @@ class EngineCore:
         # gamma = 0: nothing to accept
         drafts = torch.zeros(m.max_batch, 0, dtype=torch.long, device=dev)
         qs = torch.zeros(m.max_batch, 0, m.model.vocab_size, device=dev)
-        if g:
-            base = torch.tensor([self.draft.valid(n) for n in self.lengths], device=dev)
+        # A standalone drafter runs even at gamma = 0, for the K/V of the token about to be committed.
+        if g or (self.standalone and self.speculate):
+            bases = [self.draft.valid(n) for n in self.lengths]
             none = x.new_zeros(0)
-            drafts, qs = self._draft(g, rules, x, L, base, none if e is None else e, none if u is None else u)
+            d, q = self._draft(g, rules, x, L, torch.tensor(bases, device=dev), none if e is None else e,
+                               none if u is None else u)
+            if g:
+                drafts, qs = d, q
         totals.draft += time.perf_counter() - t_round
         t = time.perf_counter()
         self.fit(longest + g + 1)
@@ -293,8 +318,10 @@ class EngineCore:
         # One copy per cache for all rows: per-row copies (about ten small ops each) added ~1 ms to
         # every round at batch 8, 4% of a 2k-context step.
         self.full.write_rows(spans, k, v)
+        if self.standalone and self.speculate:  # the drafter's own K/V of the committed tokens, from its scratch
+            self.draft_full.write_rows(spans, self.draft.k, self.draft.v, [bases[b] for b, _, _ in spans])
         if self.speculate:
-            self.draft.absorb(self.full, [(b, start, start + n) for b, start, n in spans])
+            self.draft.absorb(self.draft_full, [(b, start, start + n) for b, start, n in spans])
         for b, start, n in spans:
             self.lengths[b] = start + n
             self.nxt[b] = extra[b]

@@ -17,7 +17,7 @@ covering its live rows, so a step reads what the context needs, not what the eng
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ class Manifest:
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
     packed_linears: bool = False  # compiled CPU graphs call the linear kernel on packed weights
+    draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
 
     def __post_init__(self):
         if not self.kv_dtype:
@@ -77,7 +78,9 @@ class Manifest:
 
     @property
     def draft_slots(self) -> int:
-        return self.draft_budget + self.max_gamma
+        """Committed slots, then scratch for a round's draft tokens: a standalone draft model also
+        runs its last draft, whose K/V it needs if every draft is accepted."""
+        return self.draft_budget + self.max_gamma + (self.draft_model is not None)
 
     def bucket(self, length: int) -> int:
         """The smallest context bucket holding ``length`` cache slots."""
@@ -116,6 +119,7 @@ class Manifest:
                 "sinks": self.draft_sinks,
                 "budget": self.draft_budget,
                 "positions": "original",
+                "model": None if self.draft_model is None else self.draft_model.to_dict(),
             },
             "context_buckets": self.context_buckets,
             "model": {"config": self.model.to_dict(), "sha256": self.model_sha256},
@@ -159,6 +163,7 @@ class Manifest:
                 graphs=dict(d.get("graphs", {})),
                 cpu_isa=[str(x) for x in d.get("cpu_isa", [])],
                 packed_linears=bool(d.get("packed_linears", False)),
+                draft_model=None if d["draft"].get("model") is None else ModelConfig(**d["draft"]["model"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -195,6 +200,8 @@ class Manifest:
         if (self.context_buckets != sorted(set(self.context_buckets)) or self.context_buckets[0] < 1
                 or self.context_buckets[-1] != self.max_seq_len):
             bad(f"context_buckets {self.context_buckets} must be increasing, positive and end at max_seq_len {self.max_seq_len}")
+        if self.draft_model is not None and (self.backend != "eager" or self.world_size > 1):
+            bad("a standalone draft model runs with the eager backend on one process only (not yet compiled)")
         missing = [n for n in self.step_names() if n not in self.graphs]
         if self.backend != "eager" and missing:
             bad(f"no compiled graph for step {missing[0]!r} ({len(missing)} missing); rebuild the engine")
@@ -336,3 +343,11 @@ class Steps:
 def load_steps(directory: Path, manifest: Manifest) -> Steps:
     check_environment(directory, manifest)
     return Steps(directory, manifest, init_from_env(manifest.world_size))
+
+
+def load_draft_steps(directory: Path, manifest: Manifest) -> Steps | None:
+    """The standalone draft model's steps (its HF directory ``draft/``), or None: the target drafts
+    over its sparse cache (self-speculation)."""
+    if manifest.draft_model is None:
+        return None
+    return Steps(directory / "draft", replace(manifest, model=manifest.draft_model, graphs={}), Shard())

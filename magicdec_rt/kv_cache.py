@@ -97,12 +97,14 @@ class KVCache:
         self.k[:, row, :, slot : slot + n] = k
         self.v[:, row, :, slot : slot + n] = v
 
-    def write_rows(self, spans: list[tuple[int, int, int]], k: torch.Tensor, v: torch.Tensor) -> None:
-        """For each ``(row, slot, n)`` of ``spans``, write the first ``n`` tokens of batch row ``row``
-        of ``k, v`` [layers, rows, kv_heads, T, head_dim] into slots [slot, slot+n): one gather and
-        one scatter for all rows (a verify round's accepted tokens)."""
+    def write_rows(self, spans: list[tuple[int, int, int]], k: torch.Tensor, v: torch.Tensor,
+                   first: list[int] | None = None) -> None:
+        """For each ``(row, slot, n)`` of ``spans``, write ``n`` tokens of batch row ``row`` of ``k, v``
+        [layers, rows, kv_heads, T, head_dim], from its column ``first[i]`` (default 0), into slots
+        [slot, slot+n): one gather and one scatter for all rows (a verify round's accepted tokens)."""
+        first = first or [0] * len(spans)
         rows = [r for r, _, n in spans for _ in range(n)]
-        cols = [j for _, _, n in spans for j in range(n)]
+        cols = [f + j for (_, _, n), f in zip(spans, first) for j in range(n)]
         slots = [slot + j for _, slot, n in spans for j in range(n)]
         if rows:
             rows, cols, slots = (torch.tensor(x, device=self.k.device) for x in (rows, cols, slots))

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import EngineCore, Totals
-from .engine import Manifest, load_steps, read_manifest
+from .engine import Manifest, load_draft_steps, load_steps, read_manifest
 from .kv_cache import DraftPolicy
 from .errors import EngineError, RequestError
 from .planner import Calibration, Planner, host_info
@@ -33,7 +33,7 @@ __all__ = ["Runtime", "GenerationResult", "StreamEvent"]
 
 class Runtime:
     def __init__(self, directory: Path, manifest: Manifest, steps, tokenizer, show_progress=False, cuda_graphs=None,
-                 draft_policy: DraftPolicy | None = None):
+                 draft_policy: DraftPolicy | None = None, draft_steps=None):
         self.directory, self.manifest, self.tokenizer = directory, manifest, tokenizer
         self.show_progress = show_progress
         # CUDA graphs (on by default on CUDA; not yet run on a GPU). Forcing them on elsewhere
@@ -43,7 +43,8 @@ class Runtime:
         planner = None if calibration is None else Planner(calibration, manifest.gammas, manifest.context_buckets)
         try:
             self.core = EngineCore(manifest, steps, tokenizer, planner, manifest.default_gamma, cuda_graphs,
-                                   show_progress=show_progress, policy=draft_policy or DraftPolicy())
+                                   show_progress=show_progress, policy=draft_policy or DraftPolicy(),
+                                   draft_steps=draft_steps)
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.last_stats: dict = {}
@@ -66,14 +67,15 @@ class Runtime:
     def load(cls, engine_dir: str | Path, show_progress: bool = False, cuda_graphs: bool | None = None,
              draft_policy: DraftPolicy | None = None) -> "Runtime":
         """``draft_policy``: how the draft cache is filled (``kv_cache.DraftPolicy``; default
-        StreamingLLM's sinks and recent window)."""
+        SnapKV's selection)."""
         from transformers import AutoTokenizer
 
         directory = Path(engine_dir)
         manifest = read_manifest(directory)
         steps = load_steps(directory, manifest)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return cls(directory, manifest, steps, tokenizer, show_progress, cuda_graphs, draft_policy)
+        return cls(directory, manifest, steps, tokenizer, show_progress, cuda_graphs, draft_policy,
+                   load_draft_steps(directory, manifest))
 
     def check_gamma(self, gamma):
         """The gamma policy to run: an engine gamma, or "auto" (the default once calibrated)."""
@@ -194,7 +196,12 @@ class Runtime:
         L = torch.full((B,), m.draft_budget, device=dev)
         base = torch.tensor([self.draft.valid(n) for n in L.tolist()], device=dev)
         x, u = torch.zeros(B, dtype=torch.long, device=dev), 1 - torch.rand(B, 2 * m.max_gamma + 1, device=dev)
-        draft = {name: ms(lambda: self.core._draft(1, rules, x, L, base, x.new_zeros(0), u)) for name, rules in modes.items()}
+        # A round of one draft: one draft step, or two with a standalone draft model (its last
+        # draft's K/V; at gamma = 0 that step alone); the planner charges gamma draft steps, so
+        # the extra one goes into "rest" of every gamma.
+        extra = int(m.draft_model is not None)
+        round1 = {name: ms(lambda: self.core._draft(1, rules, x, L, base, x.new_zeros(0), u)) for name, rules in modes.items()}
+        draft = {name: t / (1 + extra) for name, t in round1.items()}
         rest = {}
         for name, rules in modes.items():
             rest[name] = {}
@@ -203,6 +210,7 @@ class Runtime:
                 q = None if rules.greedy else probabilities(torch.randn(B, g, V, device=dev), SamplingParams(0.7))
                 drafts = torch.randint(0, V, (B, g), device=dev)
                 rest[name][g] = ms(lambda: [t.tolist() for t in rules.accept(drafts, q, logits, None, u[:, :g], u[:, g])])
+                rest[name][g] += extra * draft[name]
         self.full.resize(m.context_buckets[0])
         return Calibration(draft, verify, rest, host_info())
 

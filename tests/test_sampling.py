@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from builders.build import build_engine
+from builders.draft_model import cut_layers
 from magicdec_rt import Runtime
 from magicdec_rt.kv_cache import DraftPolicy
 from magicdec_rt.sampling import (RowRules, SamplingParams, accept_matching, accept_rejection, gumbel_choice, noise,
@@ -145,6 +146,11 @@ def wide_tiny(tmp_path_factory):
     Runtime.load(planned).calibrate(repeats=1).save(planned)
     runtimes["auto"] = Runtime.load(planned)
     runtimes["snapkv"] = Runtime.load(engine, draft_policy=DraftPolicy("snapkv", window=4, recent=2, pool=3))
+    # A standalone draft model: the target's first layer (then its norm and head) over its own cache.
+    drafter = build_engine(root / "engine-dm", src, max_batch=512, max_seq_len=64, max_gamma=3, default_gamma=3,
+                           draft_sinks=2, draft_budget=6, prefill_chunk=16, show_progress=False,
+                           draft_model=cut_layers(src, 1, root / "draft"))
+    runtimes["draft-model"] = Runtime.load(drafter, draft_policy=DraftPolicy("snapkv", window=4, recent=2, pool=3))
     return runtimes, hf
 
 
@@ -169,10 +175,11 @@ def exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab):
                                                (CONFIGS[0], 0, True), (CONFIGS[1], "auto", True),
                                                (CONFIGS[0], 3, False), (CONFIGS[2], 3, False),
                                                (CONFIGS[1], "auto", False), (CONFIGS[0], "snapkv", True),
-                                               (CONFIGS[2], "snapkv", False)],
+                                               (CONFIGS[2], "snapkv", False), (CONFIGS[0], "draft-model", True),
+                                               (CONFIGS[2], "draft-model", False)],
                          ids=["t1", "t0.7-k4", "t1.3-p0.7", "t1-autoregressive", "t0.7-k4-planner",
                               "t1-rejection", "t1.3-p0.7-rejection", "t0.7-k4-planner-rejection", "t1-snapkv",
-                              "t1.3-p0.7-snapkv-rejection"])
+                              "t1.3-p0.7-snapkv-rejection", "t1-draft-model", "t1.3-p0.7-draft-model-rejection"])
 def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma, seeded):
     """Tiny model, draft cache far smaller than the prompt (so drafts are often rejected): the joint
     of the first two generated tokens and the marginals of the 3rd and 4th (made of accepted
@@ -185,7 +192,7 @@ def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma, seeded
     vocab, N, n_tokens = 12, 3000, 4
     prompt = [int(t) for t in torch.randint(0, vocab, (14,), generator=torch.Generator().manual_seed(7))]
     torch.manual_seed(1000 * CONFIGS.index(sp) + 1)
-    if gamma == "snapkv":
+    if gamma in ("snapkv", "draft-model"):
         gamma = 3
     outs = rt.generate([prompt] * N, max_new_tokens=n_tokens, temperature=sp.temperature,
                        top_k=sp.top_k, top_p=sp.top_p, seed=1000 * CONFIGS.index(sp) if seeded else None, gamma=gamma)
