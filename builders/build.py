@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -21,7 +22,8 @@ import magicdec_rt
 from magicdec_rt import cpu, linear
 from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
 from magicdec_rt.cli import OneLineErrors, ShowDefaults, run_cli
-from magicdec_rt.engine import BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets, read_manifest
+from magicdec_rt.engine import (BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets, draft_manifest,
+                                read_manifest)
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
 
@@ -127,7 +129,7 @@ def build_engine(
     (default: powers of two from 512, ending at ``max_seq_len``). ``calibrate`` times the built
     steps here for the gamma planner (``magicdec-calibrate``). ``draft_model`` (HF directory or
     .gguf) drafts instead of the target over its sparse cache: it must share the target's
-    tokenizer; eager, one process (not yet compiled)."""
+    tokenizer; one process; compiled like the target."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
     if dtype == "auto":
         dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"
@@ -138,9 +140,8 @@ def build_engine(
     kv_dtype = kv_dtype or dtype
     _check_options(backend, device, dtype, kv_dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
                    prefill_chunk, world_size, buckets)
-    if draft_model is not None and (backend != "eager" or world_size > 1):
-        raise EngineError(f"--draft-model runs with --backend eager and world_size 1 only (not yet compiled): "
-                          f"got backend {backend!r}, world_size {world_size}")
+    if draft_model is not None and world_size > 1:
+        raise EngineError(f"--draft-model runs on one process only: got world_size {world_size}")
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file() and not (out / "graphs").is_dir():
@@ -215,11 +216,15 @@ def build_engine(
         packed_linears=packed,
         draft_model=None if drafter is None else ModelConfig.from_hf(drafter[0]),
     )
-    graphs = {}
+    graphs, draft_graphs = {}, {}
     if backend != "eager":
         bound = REL_ERR_BOUND[dtype] if max_rel_err is None else max_rel_err
-        graphs = _build_graphs(out, manifest, bound, jobs or min(2, os.cpu_count() or 1), show_progress)
-    manifest = replace(manifest, graphs=graphs)
+        jobs = jobs or min(2, os.cpu_count() or 1)
+        graphs = _build_graphs(out, manifest, manifest.step_names(), bound, jobs, show_progress)
+        if drafter is not None:  # the draft model's steps, compiled like the target's, in its directory
+            mine = replace(draft_manifest(manifest), model_sha256=sha256_file(out / "draft" / "model.safetensors"))
+            draft_graphs = _build_graphs(out / "draft", mine, manifest.draft_step_names(), bound, jobs, show_progress)
+    manifest = replace(manifest, graphs=graphs, draft_graphs=draft_graphs)
     manifest.check(str(out))
     doc = manifest.to_json()
     doc["model"]["source"] = str(source)
@@ -247,8 +252,7 @@ def _draft_source(path: Path, config: dict, tokenizer, seq: int) -> tuple[dict, 
 def _write_draft(directory: Path, drafter, dtype: str) -> None:
     """The draft model's HF directory inside the engine (none without one: a stale one goes)."""
     if drafter is None:
-        for f in ("config.json", "model.safetensors"):
-            (directory / f).unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
         return
     directory.mkdir(exist_ok=True)
     config, state = drafter
@@ -270,13 +274,14 @@ def build_like(engine: str | Path, out_dir: str | Path, **overrides) -> Path:
 
 def _report(out: Path, m: Manifest, seconds: float) -> None:
     weights = (out / "model.safetensors").stat().st_size
-    graphs = sum(g["bytes"] for g in m.graphs.values())
+    graphs = sum(g["bytes"] for g in [*m.graphs.values(), *m.draft_graphs.values()])
     print(
         f"built {out} ({m.backend} on {m.device}, {m.dtype}"
         + (f" with a {m.kv_dtype} KV cache" if m.kv_dtype != m.dtype else "")
         + f", batch {m.max_batch}, max_seq_len {m.max_seq_len}, "
         f"gammas {m.gammas}, buckets {m.context_buckets}) in {seconds:.1f} s: weights {weights / 2**20:.1f} MiB"
-        + (f", {len(m.graphs)} graphs {graphs / 2**20:.1f} MiB" if m.graphs else ""),
+        + (f", {len(m.graphs) + len(m.draft_graphs)} graphs {graphs / 2**20:.1f} MiB" if m.graphs else "")
+        + (f", a {m.draft_model.num_layers}-layer draft model" if m.draft_model else ""),
         file=sys.stderr,
     )
 
@@ -300,8 +305,7 @@ def _worker_build(name: str, bound: float) -> tuple[str, dict]:
     return name, build_graph(w["model"], w["reference"], w["manifest"], name, w["out"], w["pool"], bound)
 
 
-def _build_graphs(out: Path, manifest: Manifest, bound: float, jobs: int, show_progress: bool) -> dict:
-    names = manifest.step_names()
+def _build_graphs(out: Path, manifest: Manifest, names: list[str], bound: float, jobs: int, show_progress: bool) -> dict:
     graphs = {n: e for n in names if (e := reusable(out, manifest, n)) is not None}
     todo = [n for n in names if n not in graphs]
     bar = tqdm(total=len(names), initial=len(graphs), desc=f"compile ({manifest.backend})", unit="graph",
@@ -357,7 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--draft-budget", type=int, default=256, help="draft cache slots: sinks + recent window")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
     p.add_argument("--draft-model", help="a smaller model with the same tokenizer (HF directory or .gguf) that drafts "
-                   "instead of the target itself (default: self-speculation; eager only)")
+                   "instead of the target itself (default: self-speculation)")
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
     p.add_argument("--max-rel-err", type=float, default=None,

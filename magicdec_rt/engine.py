@@ -59,6 +59,7 @@ class Manifest:
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
     packed_linears: bool = False  # compiled CPU graphs call the linear kernel on packed weights
     draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
+    draft_graphs: dict = field(default_factory=dict)  # its compiled steps (``draft_step_names``), as ``graphs``
 
     def __post_init__(self):
         if not self.kv_dtype:
@@ -90,6 +91,10 @@ class Manifest:
         names = [f"prefill@{b}" for b in self.context_buckets] + ["draft"]
         return names + [f"verify{g}@{b}" for g in self.gammas for b in self.context_buckets]
 
+    def draft_step_names(self) -> list[str]:
+        """A standalone draft model's steps: its prefill chunks (its own full cache) and its draft step."""
+        return [f"prefill@{b}" for b in self.context_buckets] + ["draft"] if self.draft_model else []
+
     def step_shape(self, name: str) -> tuple[int, int, int]:
         """``(batch, block tokens, cache slots)`` of the step ``name``."""
         kind, _, slots = name.partition("@")
@@ -120,6 +125,7 @@ class Manifest:
                 "budget": self.draft_budget,
                 "positions": "original",
                 "model": None if self.draft_model is None else self.draft_model.to_dict(),
+                "graphs": self.draft_graphs,
             },
             "context_buckets": self.context_buckets,
             "model": {"config": self.model.to_dict(), "sha256": self.model_sha256},
@@ -164,6 +170,7 @@ class Manifest:
                 cpu_isa=[str(x) for x in d.get("cpu_isa", [])],
                 packed_linears=bool(d.get("packed_linears", False)),
                 draft_model=None if d["draft"].get("model") is None else ModelConfig(**d["draft"]["model"]),
+                draft_graphs=dict(d["draft"].get("graphs") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -200,9 +207,10 @@ class Manifest:
         if (self.context_buckets != sorted(set(self.context_buckets)) or self.context_buckets[0] < 1
                 or self.context_buckets[-1] != self.max_seq_len):
             bad(f"context_buckets {self.context_buckets} must be increasing, positive and end at max_seq_len {self.max_seq_len}")
-        if self.draft_model is not None and (self.backend != "eager" or self.world_size > 1):
-            bad("a standalone draft model runs with the eager backend on one process only (not yet compiled)")
+        if self.draft_model is not None and self.world_size > 1:
+            bad("a standalone draft model runs on one process only (world_size 1)")
         missing = [n for n in self.step_names() if n not in self.graphs]
+        missing += [f"draft/{n}" for n in self.draft_step_names() if n not in self.draft_graphs]
         if self.backend != "eager" and missing:
             bad(f"no compiled graph for step {missing[0]!r} ({len(missing)} missing); rebuild the engine")
 
@@ -350,4 +358,9 @@ def load_draft_steps(directory: Path, manifest: Manifest) -> Steps | None:
     over its sparse cache (self-speculation)."""
     if manifest.draft_model is None:
         return None
-    return Steps(directory / "draft", replace(manifest, model=manifest.draft_model, graphs={}), Shard())
+    return Steps(directory / "draft", draft_manifest(manifest), Shard())
+
+
+def draft_manifest(manifest: Manifest) -> Manifest:
+    """The manifest as the standalone draft model's steps see it: its config and its graphs."""
+    return replace(manifest, model=manifest.draft_model, graphs=manifest.draft_graphs)

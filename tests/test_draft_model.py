@@ -15,7 +15,7 @@ from magicdec_rt import EngineError, Runtime
 from magicdec_rt.engine import read_manifest
 from magicdec_rt.kv_cache import DraftPolicy
 
-from .conftest import TINY, tiny_hf_model_dir
+from .conftest import TINY, TINY_AOTI, tiny_hf_model_dir
 from .test_runtime import MIXED
 
 
@@ -94,12 +94,12 @@ def test_seeded_sampling_and_the_planner_with_a_draft_model(dm_engine, tiny_runt
     assert auto.last_stats["gamma"] == "auto"
 
 
-def test_a_draft_model_must_share_the_tokenizer_and_run_eager(tmp_path, tiny_hf, drafter_dir, capsys):
+def test_a_draft_model_must_share_the_tokenizer_and_one_process(tmp_path, tiny_hf, drafter_dir, capsys):
     other = tiny_hf_model_dir(tmp_path / "other", vocab=17, layers=1)
     with pytest.raises(EngineError, match="another vocabulary than the target \\(17 vs 16 tokens"):
         build_engine(tmp_path / "e1", tiny_hf, draft_model=other, **TINY)
-    with pytest.raises(EngineError, match="--draft-model runs with --backend eager and world_size 1 only"):
-        build_engine(tmp_path / "e2", tiny_hf, draft_model=drafter_dir, backend="aoti", **TINY)
+    with pytest.raises(EngineError, match="--draft-model runs on one process only: got world_size 2"):
+        build_engine(tmp_path / "e2", tiny_hf, draft_model=drafter_dir, world_size=2, **TINY)
     capsys.readouterr()
     code = build_main(["--model", str(tiny_hf), "--draft-model", str(other), "--out", str(tmp_path / "e3"),
                        "--max-seq-len", "64", "--quiet", "--no-calibrate"])
@@ -141,3 +141,22 @@ def test_the_draft_models_steps_export_at_static_shapes(dm_engine):
         assert len(args[2]) == 1 and want[1].shape[0] == 1  # one layer: the drafter's, not the target's
         for w, g in zip(want, got):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_an_aoti_engine_compiles_the_draft_model(tmp_path, tiny_aoti_engine, tiny_hf, drafter_dir, tiny_runtime):
+    """The draft model's prefill and draft steps are compiled like the target's (its own graphs in
+    draft/graphs), and the compiled engine's greedy speculation equals eager plain decoding. Built
+    over a copy of the tiny aoti engine, so only the steps whose shapes change are compiled again."""
+    out = shutil.copytree(tiny_aoti_engine, tmp_path / "engine")
+    build_engine(out, tiny_hf, backend="aoti", draft_model=drafter_dir, **TINY_AOTI)
+    m = read_manifest(out)
+    assert sorted(m.draft_graphs) == sorted(m.draft_step_names()) == ["draft", "prefill@128", "prefill@32"]
+    assert all((out / "draft" / e["file"]).is_file() for e in m.draft_graphs.values())
+    rt = Runtime.load(out)
+    assert rt.core.draft_steps.backend == "aoti" and sorted(rt.core.draft_steps._graphs) == sorted(m.draft_graphs)
+    want = [r.token_ids for r in tiny_runtime.generate(MIXED, max_new_tokens=24, gamma=0)]
+    assert [r.token_ids for r in rt.generate(MIXED, max_new_tokens=24, gamma=2)] == want
+    assert 0.0 < rt.last_stats["acceptance_rate"] < 1.0
+    # Rebuilt without it: the draft model and its graphs go.
+    build_engine(out, tiny_hf, backend="aoti", **TINY_AOTI)
+    assert not (out / "draft").exists() and read_manifest(out).draft_model is None
