@@ -37,11 +37,14 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--snapkv", nargs="+", default=["16:128"], help="WINDOW:RECENT[:POOL[:RESELECT]] settings")
     p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"])
+    p.add_argument("--draft-positions", default="original", choices=["original", "cache"],
+                   help="the engine's draft key positions (magicdec-build --draft-positions)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "draft-policies" / "policies.json")
     args = p.parse_args()
     policies = [DraftPolicy("streaming")] + [DraftPolicy("snapkv", *map(int, x.split(":"))) for x in args.snapkv]
-    engine = engine_for(args.batch, args.budget, [args.context], args.new_tokens, [args.gamma], args.dtype)
+    engine = engine_for(args.batch, args.budget, [args.context], args.new_tokens, [args.gamma], args.dtype,
+                        draft_positions=args.draft_positions)
     SweepRuntime, _ = sweep_runtime_class()
     runtimes = []
     for policy in policies:
@@ -66,7 +69,7 @@ def main() -> None:
                   config={k: v for k, v in vars(args).items() if k not in ("out", "corpus")}, rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
-    lines = [f"`{report['command']}` ({args.dtype}; {report['machine']['cpu']})", "",
+    lines = [f"`{report['command']}` ({args.dtype}; {args.draft_positions} positions; {report['machine']['cpu']})", "",
              "| policy | window | recent | pool | reselect | acceptance | per draft position | drafted | tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['policy']} | {r['window'] or '-'} | {r['recent'] or '-'} | {r['pool'] or '-'} | "

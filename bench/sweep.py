@@ -79,14 +79,14 @@ def sweep_runtime_class():
 
 
 def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, gammas: list[int], dtype: str,
-               backend: str = "eager") -> Path:
+               backend: str = "eager", draft_positions: str = "original") -> Path:
     """An engine with one context bucket per swept context (each just large enough), so every
     point runs at a bucket that fits it rather than at the next power of two."""
     from builders.build import build_engine
     from magicdec_rt.engine import read_manifest
 
     buckets = [c + new_tokens + 8 for c in sorted(contexts)]
-    name = f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}"
+    name = f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}" + ("-cachepos" if draft_positions == "cache" else "")
     path = ROOT / "engines" / (name if backend == "eager" else f"{name}-{backend}")
     if (path / "manifest.json").is_file() and set(gammas) <= set(read_manifest(path).gammas):
         if not (path / "calibration.json").is_file():
@@ -96,7 +96,7 @@ def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, ga
         return path
     return build_engine(path, backend=backend, max_batch=batch, max_seq_len=buckets[-1], buckets=buckets, dtype=dtype,
                         draft_budget=budget, gammas=gammas, default_gamma=gammas[-1], show_progress=False,
-                        calibrate=True)
+                        calibrate=True, draft_positions=draft_positions)
 
 
 def hf_generate(engine: Path, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype) -> dict:

@@ -22,7 +22,7 @@ import magicdec_rt
 from magicdec_rt import cpu, linear
 from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
 from magicdec_rt.cli import OneLineErrors, ShowDefaults, run_cli
-from magicdec_rt.engine import (BACKENDS, DEVICES, DTYPES, FORMAT_VERSION, Manifest, default_buckets, draft_manifest,
+from magicdec_rt.engine import (BACKENDS, DEVICES, DRAFT_POSITIONS, DTYPES, FORMAT_VERSION, Manifest, default_buckets, draft_manifest,
                                 read_manifest)
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
@@ -121,6 +121,7 @@ def build_engine(
     show_progress: bool = True,
     calibrate: bool = False,
     draft_model: str | Path | None = None,
+    draft_positions: str = "original",
 ) -> Path:
     """Build an engine directory and return its path. ``dtype="auto"`` picks bfloat16 where the CPU
     multiplies it natively (AMX, AVX-512-BF16) or on CUDA, float32 elsewhere. ``kv_dtype`` is the
@@ -129,7 +130,8 @@ def build_engine(
     (default: powers of two from 512, ending at ``max_seq_len``). ``calibrate`` times the built
     steps here for the gamma planner (``magicdec-calibrate``). ``draft_model`` (HF directory or
     .gguf) drafts instead of the target over its sparse cache: it must share the target's
-    tokenizer; one process; compiled like the target."""
+    tokenizer; one process; compiled like the target. ``draft_positions``: the draft's keys at their
+    original positions, or at StreamingLLM's positions inside its cache (``"cache"``)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
     if dtype == "auto":
         dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"
@@ -140,6 +142,8 @@ def build_engine(
     kv_dtype = kv_dtype or dtype
     _check_options(backend, device, dtype, kv_dtype, max_batch, gammas, default_gamma, draft_sinks, draft_budget,
                    prefill_chunk, world_size, buckets)
+    if draft_positions not in DRAFT_POSITIONS:
+        raise EngineError(f"draft_positions {draft_positions!r} is not supported; choose one of {', '.join(DRAFT_POSITIONS)}")
     if draft_model is not None and world_size > 1:
         raise EngineError(f"--draft-model runs on one process only: got world_size {world_size}")
     source = embedded_model_path() if model is None else Path(model)
@@ -215,6 +219,7 @@ def build_engine(
         cpu_isa=sorted(set(cpu.compiled_isa()) | ({"avx512_bf16"} if packed else set())) if compiled_cpu else [],
         packed_linears=packed,
         draft_model=None if drafter is None else ModelConfig.from_hf(drafter[0]),
+        draft_positions=draft_positions,
     )
     graphs, draft_graphs = {}, {}
     if backend != "eager":
@@ -264,11 +269,13 @@ def _write_draft(directory: Path, drafter, dtype: str) -> None:
 def build_like(engine: str | Path, out_dir: str | Path, **overrides) -> Path:
     """An engine built with the settings of ``engine``, changing ``overrides`` (for example
     ``world_size``). An engine directory is an HF model directory, so it is its own source."""
+    engine = Path(engine)
     m = read_manifest(engine)
     settings = dict(backend=m.backend, device=m.device, dtype=m.dtype, kv_dtype=m.kv_dtype, max_batch=m.max_batch,
                     max_seq_len=m.max_seq_len, gammas=m.gammas, default_gamma=m.default_gamma,
                     draft_sinks=m.draft_sinks, draft_budget=m.draft_budget, prefill_chunk=m.prefill_chunk,
-                    buckets=m.context_buckets[:-1], world_size=m.world_size, show_progress=False)
+                    buckets=m.context_buckets[:-1], world_size=m.world_size, draft_positions=m.draft_positions,
+                    draft_model=engine / "draft" if m.draft_model else None, show_progress=False)
     return build_engine(out_dir, engine, **(settings | overrides))
 
 
@@ -362,6 +369,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
     p.add_argument("--draft-model", help="a smaller model with the same tokenizer (HF directory or .gguf) that drafts "
                    "instead of the target itself (default: self-speculation)")
+    p.add_argument("--draft-positions", default="original", choices=["original", "cache"],
+                   help="the draft's key positions: original, or StreamingLLM's inside the draft cache (the kept "
+                   "tokens before the recent ring moved up to just before it)")
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
     p.add_argument("--max-rel-err", type=float, default=None,
@@ -393,6 +403,7 @@ def main(argv=None) -> int:
             prefill_chunk=args.prefill_chunk,
             world_size=args.world_size,
             draft_model=args.draft_model,
+            draft_positions=args.draft_positions,
             show_progress=not args.quiet,
             # Only where the engine can run here as one process.
             calibrate=not args.no_calibrate and args.world_size == 1 and (args.device == "cpu" or torch.cuda.is_available()),

@@ -64,7 +64,7 @@ class EngineCore:
         m, dt = manifest, manifest.kv_torch_dtype
         self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt, self.device)
         drafter = self.draft_steps.model
-        self.draft_full = KVCache(drafter, m.max_batch, m.max_seq_len, dt, self.device) if self.standalone else self.full
+        self._draft_full = KVCache(drafter, m.max_batch, m.max_seq_len, dt, self.device) if self.standalone else None
         self.draft = StreamingCache(drafter, m.max_batch, m.draft_sinks, m.draft_budget,
                                     m.draft_slots - m.draft_budget, dt, self.device, policy)
         self.slots: list[Request | None] = [None] * m.max_batch
@@ -84,6 +84,11 @@ class EngineCore:
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    @property
+    def draft_full(self) -> KVCache:
+        """The full cache the draft cache is filled from: the drafter's own, or the target's."""
+        return self._draft_full if self.standalone else self.full
 
     @property
     def speculate(self) -> bool:
@@ -141,7 +146,8 @@ class EngineCore:
         """Lay the full cache out at the smallest bucket holding ``slots`` slots and every
         occupied row's tokens (a smaller layout would drop them)."""
         self.full.resize(self._bucket(max(slots, *self._held())))
-        self.draft_full.resize(self.full.slots)
+        if self.standalone:
+            self.draft_full.resize(self.full.slots)
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the oldest prefilling request; its first token once its prompt is in."""
@@ -284,6 +290,8 @@ class EngineCore:
         # gamma = 0: nothing to accept
         drafts = torch.zeros(m.max_batch, 0, dtype=torch.long, device=dev)
         qs = torch.zeros(m.max_batch, 0, m.model.vocab_size, device=dev)
+        if g and m.draft_positions == "cache":
+            self.draft.reposition(self.draft_full, live, [self.lengths[b] for b in live], self.draft_steps.model.inv_freq)
         # A standalone drafter runs even at gamma = 0, for the K/V of the token about to be committed.
         if g or (self.standalone and self.speculate):
             bases = [self.draft.valid(n) for n in self.lengths]

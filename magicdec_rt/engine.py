@@ -32,6 +32,7 @@ FORMAT = "magicdec-rt-engine"
 FORMAT_VERSION = 2
 BACKENDS = ("eager", "aoti", "tensorrt")
 DEVICES = ("cpu", "cuda")
+DRAFT_POSITIONS = ("original", "cache")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,6 +61,7 @@ class Manifest:
     packed_linears: bool = False  # compiled CPU graphs call the linear kernel on packed weights
     draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
     draft_graphs: dict = field(default_factory=dict)  # its compiled steps (``draft_step_names``), as ``graphs``
+    draft_positions: str = "original"  # the draft's key positions: "original", or "cache" (StreamingLLM's)
 
     def __post_init__(self):
         if not self.kv_dtype:
@@ -123,7 +125,7 @@ class Manifest:
                 "kind": "streaming",
                 "sinks": self.draft_sinks,
                 "budget": self.draft_budget,
-                "positions": "original",
+                "positions": self.draft_positions,
                 "model": None if self.draft_model is None else self.draft_model.to_dict(),
                 "graphs": self.draft_graphs,
             },
@@ -171,6 +173,7 @@ class Manifest:
                 packed_linears=bool(d.get("packed_linears", False)),
                 draft_model=None if d["draft"].get("model") is None else ModelConfig(**d["draft"]["model"]),
                 draft_graphs=dict(d["draft"].get("graphs") or {}),
+                draft_positions=d["draft"].get("positions", "original"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -207,6 +210,8 @@ class Manifest:
         if (self.context_buckets != sorted(set(self.context_buckets)) or self.context_buckets[0] < 1
                 or self.context_buckets[-1] != self.max_seq_len):
             bad(f"context_buckets {self.context_buckets} must be increasing, positive and end at max_seq_len {self.max_seq_len}")
+        if self.draft_positions not in DRAFT_POSITIONS:
+            bad(f"draft positions {self.draft_positions!r} are not one of {', '.join(DRAFT_POSITIONS)}")
         if self.draft_model is not None and self.world_size > 1:
             bad("a standalone draft model runs on one process only (world_size 1)")
         missing = [n for n in self.step_names() if n not in self.graphs]

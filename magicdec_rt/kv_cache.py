@@ -16,11 +16,11 @@ tokens of the round in flight. Two policies fill it (``DraftPolicy``):
   tokens' attention over everything committed. A prompt within the budget is kept whole and then
   rolls as ``streaming``.
 
-Keys keep their *original* RoPE positions: contexts here never exceed the model's trained length,
-so the draft's attention is exactly the target's attention restricted to the kept tokens (whatever
-slot or head holds them), and the target's K/V can be copied in unchanged after each verification
-(re-indexing positions inside the cache, as StreamingLLM does to run past the trained length,
-would mean re-rotating every key on every copy). Because attention does not care about slot order,
+Keys keep their *original* RoPE positions by default: contexts here never exceed the model's
+trained length, so the draft's attention is exactly the target's attention restricted to the kept
+tokens (whatever slot or head holds them), and the target's K/V can be copied in unchanged after
+each verification. An engine built with ``draft_positions="cache"`` uses StreamingLLM's positions
+inside the cache instead (``StreamingCache.reposition``: only the slots before the ring move). Because attention does not care about slot order,
 the valid slots are always a prefix: ``min(length, budget)`` slots, then the round's draft tokens,
 so the draft step uses the same ``lengths`` mask as every other step. ``positions`` records which
 position each slot holds (-1: none), for tests and inspection.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer
+from .model import Transformer, rotate_half
 
 
 class KVCache:
@@ -213,6 +213,26 @@ class StreamingCache(KVCache):
         if pos:
             pos = torch.tensor(pos)
             self._put(full, torch.tensor(rows), self._ring_slot(torch.tensor(ring), pos), pos)
+
+    def reposition(self, full: KVCache, rows: list[int], lengths: list[int], inv_freq: torch.Tensor) -> None:
+        """StreamingLLM's positions for ``rows`` holding ``lengths`` committed tokens: the slots
+        before a row's ring (sinks, SnapKV's selection) take the positions just before the ring's
+        oldest token, slot j at ``length - budget + j``, as if the cache were the whole text. The
+        ring keeps its tokens' own positions: it is contiguous and ends at the query, so their
+        distances to the query are StreamingLLM's already (RoPE sees only distances). Keys are
+        rotated from the full cache's (post-RoPE at the original position) by the difference, each
+        round afresh, so no rounding accumulates. A row not past its budget keeps everything: its
+        slots already are its positions."""
+        for row, length in zip(rows, lengths):
+            n, shift = self.ring_start[row], length - self.budget
+            if shift <= 0:
+                continue
+            pos = self.positions[:, row, :, :n]  # [layers, heads, n]
+            delta = (shift + torch.arange(n) - pos).to(self.k.device, torch.float32)
+            k = full.k[:, row].gather(2, pos.to(self.k.device)[..., None].expand(-1, -1, -1, self.dim)).float()
+            angle = delta[..., None] * inv_freq.to(self.k.device)
+            cos, sin = angle.cos().repeat(1, 1, 1, 2), angle.sin().repeat(1, 1, 1, 2)
+            self.k[:, row, :, :n] = (k * cos + rotate_half(k) * sin).to(self.k.dtype)
 
     def due(self, row: int, length: int) -> bool:
         """Whether ``row``, now ``length`` tokens long, is due for a new SnapKV selection."""

@@ -81,6 +81,19 @@ def tiny_runtime(tiny_engine):
     return Runtime.load(tiny_engine)
 
 
+@pytest.fixture(scope="session")
+def drafter_dir(tmp_path_factory, tiny_hf):
+    """A standalone draft model for the tiny engine: its first layer, then its norm and head."""
+    from builders.draft_model import cut_layers
+
+    return cut_layers(tiny_hf, 1, tmp_path_factory.mktemp("cut") / "draft")
+
+
+@pytest.fixture(scope="session")
+def dm_engine(tmp_path_factory, tiny_hf, drafter_dir):
+    return build_engine(tmp_path_factory.mktemp("dm") / "engine", tiny_hf, draft_model=drafter_dir, **TINY)
+
+
 # The tiny model compiled with AOTInductor: two context buckets (so generation crosses one) and
 # gammas {0, 2}: 7 graphs, about a minute to build on 2 cores.
 TINY_AOTI = dict(max_batch=8, max_seq_len=128, gammas=[2], default_gamma=2, draft_sinks=2, draft_budget=8,

@@ -19,16 +19,6 @@ from .conftest import TINY, TINY_AOTI, tiny_hf_model_dir
 from .test_runtime import MIXED
 
 
-@pytest.fixture(scope="module")
-def drafter_dir(tmp_path_factory, tiny_hf):
-    return cut_layers(tiny_hf, 1, tmp_path_factory.mktemp("cut") / "draft")
-
-
-@pytest.fixture(scope="module")
-def dm_engine(tmp_path_factory, tiny_hf, drafter_dir):
-    return build_engine(tmp_path_factory.mktemp("dm") / "engine", tiny_hf, draft_model=drafter_dir, **TINY)
-
-
 def test_cut_keeps_the_first_layers_norm_and_head(tiny_hf, drafter_dir):
     full = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
     cut = AutoModelForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32).eval()

@@ -3,6 +3,8 @@ either stays exact."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -48,13 +50,18 @@ def test_snapkv_selection_equals_the_reference_from_transformers_attention(snap_
     assert len({tuple(h.tolist()) for h in want.reshape(-1, keep)}) > 1
 
 
-@pytest.mark.parametrize("policy", [DraftPolicy("streaming"), SNAP, RESELECT, DraftPolicy("snapkv", window=5, pool=3)],
-                         ids=["streaming", "snapkv", "snapkv-reselect", "snapkv-default-ring"])
-def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
+@pytest.mark.parametrize("policy, drafter",
+                         [(DraftPolicy("streaming"), False), (SNAP, False), (RESELECT, False),
+                          (DraftPolicy("snapkv", window=5, pool=3), False), (DraftPolicy("streaming"), True),
+                          (RESELECT, True)],
+                         ids=["streaming", "snapkv", "snapkv-reselect", "snapkv-default-ring",
+                              "draft-model-streaming", "draft-model-snapkv-reselect"])
+def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, dm_engine, policy, drafter):
     """After a long generation, each slot holds the K/V of the position the policy says, and nothing
     the policy dropped: sinks, (SnapKV's selection, made from the prompt or, re-selecting, from
-    everything committed at the last selection,) and the newest committed positions."""
-    rt = Runtime.load(tiny_engine, draft_policy=policy)
+    everything committed at the last selection,) and the newest committed positions; with a
+    standalone draft model, its own K/V of them."""
+    rt = Runtime.load(dm_engine if drafter else tiny_engine, draft_policy=policy)
     prompt = MIXED[3]  # 40 tokens
     rt.generate([prompt], max_new_tokens=50, gamma=3)
     length = rt.core.lengths[0]
@@ -70,12 +77,14 @@ def test_the_draft_cache_holds_only_what_the_policy_keeps(tiny_engine, policy):
             assert length - 7 < at <= length and (held[:, :, 2:6] >= len(prompt)).any()  # generated tokens chosen
         else:
             assert at == len(prompt)
-    # The K/V in each slot are the full cache's at the recorded position.
-    for layer in (0, 1):
+    # The K/V in each slot are the drafter's full cache's at the recorded position.
+    full = rt.core.draft_full
+    assert (full is rt.full) != drafter and rt.draft.layers == (1 if drafter else 2)
+    for layer in range(rt.draft.layers):
         for h in range(held.shape[1]):
             pos = held[layer, h]
-            torch.testing.assert_close(rt.draft.k[layer, 0, h, :8], rt.full.k[layer, 0, h, pos], rtol=0, atol=0)
-            torch.testing.assert_close(rt.draft.v[layer, 0, h, :8], rt.full.v[layer, 0, h, pos], rtol=0, atol=0)
+            torch.testing.assert_close(rt.draft.k[layer, 0, h, :8], full.k[layer, 0, h, pos], rtol=0, atol=0)
+            torch.testing.assert_close(rt.draft.v[layer, 0, h, :8], full.v[layer, 0, h, pos], rtol=0, atol=0)
 
 
 def test_greedy_speculation_with_snapkv_equals_autoregressive(snap_runtime, tiny_runtime, tiny_engine):
@@ -139,3 +148,68 @@ def test_snapkv_with_pooling_3_is_the_default_everywhere(tiny_engine):
     p = argparse.ArgumentParser()
     add_draft_policy_args(p)
     assert draft_policy(p.parse_args([])) == DraftPolicy()
+
+
+@pytest.fixture(scope="module")
+def cache_positions_engine(tmp_path_factory, tiny_hf):
+    from builders.build import build_engine
+
+    from .conftest import TINY
+
+    return build_engine(tmp_path_factory.mktemp("cachepos") / "engine", tiny_hf, draft_positions="cache", **TINY)
+
+
+@pytest.mark.parametrize("policy", [DraftPolicy("streaming"), SNAP], ids=["streaming", "snapkv"])
+def test_cache_positions_rotate_the_kept_keys_as_transformers_rope_would(cache_positions_engine, hf_tiny_eager,
+                                                                        policy):
+    """StreamingLLM positions (``--draft-positions cache``): after a round at length L, each slot
+    before the ring holds the key of its position p moved to position L - budget + slot (transformers'
+    own RoPE undoing p and applying that position to its own key), values untouched; the ring keeps
+    original keys."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rt = Runtime.load(cache_positions_engine, draft_policy=policy)
+    assert rt.manifest.draft_positions == "cache"
+    prompt = MIXED[4]  # 61 tokens, budget 8
+    rt.generate([prompt], max_new_tokens=2, gamma=1)  # one round, at L = len(prompt)
+    L, budget, n = len(prompt), rt.manifest.draft_budget, rt.draft.ring_start[0]
+    with torch.no_grad():
+        past = hf_tiny_eager(torch.tensor([prompt]), use_cache=True).past_key_values
+    rope = hf_tiny_eager.model.rotary_emb
+    pos = rt.draft.positions[:, 0, :, :n]  # [layers, heads, n]
+    for layer in range(rt.draft.layers):
+        keys = past.layers[layer].keys[0] if hasattr(past, "layers") else past[layer][0][0]  # [kv, P, d]
+        kept = torch.stack([keys[h, pos[layer, h]] for h in range(keys.shape[0])])  # [kv, n, d]
+        x = kept[None]  # rope reads only its dtype and device
+        want = []
+        for h in range(keys.shape[0]):
+            cp, sp = rope(x, pos[layer, h][None])
+            pre, _ = apply_rotary_pos_emb(kept[h][None, None], kept[h][None, None], cp, -sp)  # rotate back by p
+            ca, sa = rope(x, (L - budget + torch.arange(n))[None])
+            k, _ = apply_rotary_pos_emb(pre, pre, ca, sa)
+            want.append(k[0, 0])
+        torch.testing.assert_close(rt.draft.k[layer, 0, :, :n], torch.stack(want), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(rt.draft.k[layer, 0, :, :n], kept, atol=1e-3)  # they did move
+        vals = past.layers[layer].values[0] if hasattr(past, "layers") else past[layer][1][0]
+        torch.testing.assert_close(rt.draft.v[layer, 0, :, :n],
+                                   torch.stack([vals[h, pos[layer, h]] for h in range(keys.shape[0])]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", [DraftPolicy("streaming"), SNAP], ids=["streaming", "snapkv"])
+def test_greedy_speculation_with_cache_positions_equals_autoregressive(cache_positions_engine, tiny_runtime, policy):
+    rt = Runtime.load(cache_positions_engine, draft_policy=policy)
+    want = [r.token_ids for r in tiny_runtime.generate(MIXED, max_new_tokens=30, gamma=0)]
+    for gamma in (1, 3):
+        assert [r.token_ids for r in rt.generate(MIXED, max_new_tokens=30, gamma=gamma)] == want
+
+
+def test_draft_positions_are_a_build_option(tmp_path, tiny_hf, cache_positions_engine):
+    from builders.build import build_engine
+
+    from .conftest import TINY
+
+    with pytest.raises(EngineError, match="draft_positions 'shifted' is not supported; choose one of original, cache"):
+        build_engine(tmp_path / "e", tiny_hf, draft_positions="shifted", **TINY)
+    doc = json.loads((cache_positions_engine / "manifest.json").read_text())
+    assert doc["draft"]["positions"] == "cache"
