@@ -8,7 +8,7 @@ of different documents, prefilled once; then every policy decodes ``--new-tokens
 fixed gamma (greedy unless ``--temperature``; sampled requests are unseeded, so the rejection
 sampler decides) and reports its acceptance per drafted token and per draft position.
 ``--snapkv W:R[:P[:I]]`` is a SnapKV policy with observation window W, recent ring R (the rest of
-the budget, after the sinks, is the per-head selection), pooling width P (3) and re-selection every
+the budget, after the sinks, is the per-head selection), pooling width P (7) and re-selection every
 I tokens (0: never).
 """
 

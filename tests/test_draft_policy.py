@@ -136,14 +136,14 @@ def test_the_observation_step_exports_at_static_shapes(snap_runtime):
     assert (want[..., 20:32] == 0).all()  # slots past the length are never attended
 
 
-def test_snapkv_with_pooling_3_is_the_default_everywhere(tiny_engine):
+def test_snapkv_with_pooling_7_is_the_default_everywhere(tiny_engine):
     """The measured default (README, "The draft cache and its positions") is the same for the
     Python API, a loaded runtime and the CLI."""
     import argparse
 
     from magicdec_rt.cli import add_draft_policy_args, draft_policy
 
-    assert (DraftPolicy().kind, DraftPolicy().pool) == ("snapkv", 3)
+    assert (DraftPolicy().kind, DraftPolicy().pool) == ("snapkv", 7)
     assert Runtime.load(tiny_engine).core.draft.policy == DraftPolicy()
     p = argparse.ArgumentParser()
     add_draft_policy_args(p)
