@@ -13,30 +13,21 @@ tokens/s, acceptance and the draft time per round."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from sweep import engine_for
-from workload import DEFAULT_CORPUS, ROOT, load_prompts
+from workload import ROOT, drafter_args, load_prompts, write_report
 
 from builders.build import build_engine
 from builders.draft_model import cut_layers
-from magicdec_rt import Runtime, cpu
+from magicdec_rt import Runtime
 from magicdec_rt.engine import read_manifest
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--budget", type=int, default=256)
-    p.add_argument("--gamma", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=128)
+    drafter_args(p, ROOT / "bench" / "results" / "draft-model" / "draft-model.json")
     p.add_argument("--layers", type=int, nargs="+", default=[4, 8, 15])
-    p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"])
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "draft-model" / "draft-model.json")
     args = p.parse_args()
     base = engine_for(args.batch, args.budget, [args.context], args.new_tokens, [args.gamma], args.dtype)
     m = read_manifest(base)
@@ -63,20 +54,13 @@ def main() -> None:
                          round_ms=1e3 * s["decode_s"] / max(s["verify_steps"], 1)))
         print(f"{name}: {rows[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     ar = rows[0]["tokens_per_s"]
-    report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=cpu.describe(),
-                  config={k: v for k, v in vars(args).items() if k not in ("out", "corpus")}, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    lines = [f"`{report['command']}` ({m.dtype}; {report['machine']['cpu']})", "",
-             "| drafter | gamma | tok/s | over AR | acceptance | per draft position | draft ms per round | round ms |",
+    table = ["| drafter | gamma | tok/s | over AR | acceptance | per draft position | draft ms per round | round ms |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['drafter']} | {r['gamma']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ar:.2f}x | "
+    table += [f"| {r['drafter']} | {r['gamma']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ar:.2f}x | "
               + ("-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.3f}") + " | "
               + (" / ".join(f"{x:.2f}" for x in r["per_position"]) if r["per_position"] else "-")
               + f" | {r['draft_ms_per_round']:.1f} | {r['round_ms']:.1f} |" for r in rows]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_report(args.out, args, rows, m.dtype, table)
 
 if __name__ == "__main__":
     main()

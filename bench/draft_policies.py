@@ -15,32 +15,22 @@ I tokens (0: never).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 from sweep import engine_for, sweep_runtime_class
-from workload import DEFAULT_CORPUS, ROOT, load_prompts
+from workload import ROOT, drafter_args, load_prompts, write_report
 
-from magicdec_rt import cpu
 from magicdec_rt.kv_cache import DraftPolicy
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--budget", type=int, default=256)
-    p.add_argument("--gamma", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=128)
+    drafter_args(p, ROOT / "bench" / "results" / "draft-policies" / "policies.json")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--snapkv", nargs="+", default=["16:128"], help="WINDOW:RECENT[:POOL[:RESELECT]] settings")
-    p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"])
     p.add_argument("--draft-positions", default="original", choices=["original", "cache"],
                    help="the engine's draft key positions (magicdec-build --draft-positions)")
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "draft-policies" / "policies.json")
     args = p.parse_args()
     policies = [DraftPolicy("streaming")] + [DraftPolicy("snapkv", *map(int, x.split(":"))) for x in args.snapkv]
     engine = engine_for(args.batch, args.budget, [args.context], args.new_tokens, [args.gamma], args.dtype,
@@ -65,20 +55,13 @@ def main() -> None:
                          acceptance_rate=s["acceptance_rate"], per_position=s["per_position_acceptance"],
                          draft_tokens=s["draft_tokens"]))
         print(f"{policy}: acceptance {s['acceptance_rate']:.3f}", file=sys.stderr)
-    report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=cpu.describe(),
-                  config={k: v for k, v in vars(args).items() if k not in ("out", "corpus")}, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    lines = [f"`{report['command']}` ({args.dtype}; {args.draft_positions} positions; {report['machine']['cpu']})", "",
-             "| policy | window | recent | pool | reselect | acceptance | per draft position | drafted | tok/s |",
+    table = ["| policy | window | recent | pool | reselect | acceptance | per draft position | drafted | tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['policy']} | {r['window'] or '-'} | {r['recent'] or '-'} | {r['pool'] or '-'} | "
+    table += [f"| {r['policy']} | {r['window'] or '-'} | {r['recent'] or '-'} | {r['pool'] or '-'} | "
               f"{'-' if r['reselect'] is None else r['reselect']} | {r['acceptance_rate']:.3f} | "
               f"{' / '.join(f'{x:.2f}' for x in r['per_position'])} | {r['draft_tokens']} | {r['tokens_per_s']:.1f} |"
               for r in rows]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_report(args.out, args, rows, f"{args.dtype}; {args.draft_positions} positions", table)
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,36 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "longctx"
 
 
+def drafter_args(p, out: Path) -> None:
+    """The settings the drafter benchmarks share: one batch of corpus windows, one budget and gamma."""
+    from magicdec_rt import cpu
+
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"])
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--out", type=Path, default=out)
+
+
+def write_report(out: Path, args, rows: list[dict], title: str, table: list[str]) -> None:
+    """``out`` (JSON: the command, this machine, the settings, the rows) and ``out`` with ``.md``: the
+    command, ``title`` and the CPU, then the markdown ``table``, which is also printed."""
+    import json
+
+    from magicdec_rt import cpu
+
+    report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=cpu.describe(),
+                  config={k: v for k, v in vars(args).items() if k not in ("out", "corpus")}, rows=rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    lines = [f"`{report['command']}` ({title}; {report['machine']['cpu']})", "", *table]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def load_prompts(tokenizer, corpus: Path, batch: int, context: int) -> list[list[int]]:
     """``batch`` prompts of ``context`` tokens, row ``i`` from document ``i`` of the corpus (a
     second pass over the documents takes their next windows)."""
