@@ -149,7 +149,7 @@ def point(stats: dict, ar: dict, batch: int, context: int, budget: int, temperat
         predicted = rt.planner.speedup(gamma, bucket, temperature == 0, alphas)
     return {
         "batch": batch, "context": context, "budget": budget, "temperature": temperature, "gamma": gamma,
-        "gamma_rounds": stats["gamma_rounds"],
+        "gamma_rounds": stats["gamma_rounds"], "policy_rounds": stats.get("policy_rounds"),
         "tokens_per_s": stats["steady_tokens_per_s"],
         "speedup": stats["steady_tokens_per_s"] / ar["steady_tokens_per_s"],
         "batch_tokens_per_s": stats["decode_tokens_per_s"],

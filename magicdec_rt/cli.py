@@ -85,9 +85,10 @@ def gamma_arg(text: str):
 
 
 def add_draft_policy_args(p) -> None:
-    p.add_argument("--draft-policy", choices=["streaming", "snapkv"], default="snapkv",
+    p.add_argument("--draft-policy", choices=["streaming", "snapkv", "auto"], default="snapkv",
                    help="what the draft cache keeps: SnapKV's per-head selection of the prompt + sinks + a "
-                        "recent ring, or StreamingLLM's sinks + recent window")
+                        "recent ring, or StreamingLLM's sinks + recent window; auto keeps both and the gamma "
+                        "planner drafts with the one it predicts best (SnapKV without a calibration)")
     p.add_argument("--draft-recent", type=int, help="snapkv: ring slots for the newest tokens (default: half the "
                    "draft budget)")
     p.add_argument("--draft-window", type=int, default=16, help="snapkv: prompt tokens whose attention selects")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -65,8 +65,12 @@ class EngineCore:
         self.full = KVCache(steps.model, m.max_batch, m.max_seq_len, dt, self.device)
         drafter = self.draft_steps.model
         self._draft_full = KVCache(drafter, m.max_batch, m.max_seq_len, dt, self.device) if self.standalone else None
-        self.draft = StreamingCache(drafter, m.max_batch, m.draft_sinks, m.draft_budget,
-                                    m.draft_slots - m.draft_budget, dt, self.device, policy)
+        # One draft cache per policy: "auto" keeps both, and the planner picks the one to draft with
+        # each round (SnapKV until then: it led wherever measured).
+        kinds = ("snapkv", "streaming") if policy.kind == "auto" else (policy.kind,)
+        self.drafts = {k: StreamingCache(drafter, m.max_batch, m.draft_sinks, m.draft_budget, m.draft_slots - m.draft_budget,
+                                         dt, self.device, replace(policy, kind=k)) for k in kinds}
+        self.drafting = kinds[0]
         self.slots: list[Request | None] = [None] * m.max_batch
         self.lengths = [0] * m.max_batch  # cache slots holding the row's tokens
         self.nxt = [0] * m.max_batch  # a live row's newest token, not yet in the cache
@@ -84,6 +88,11 @@ class EngineCore:
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    @property
+    def draft(self) -> StreamingCache:
+        """The draft cache that drafts this round."""
+        return self.drafts[self.drafting]
 
     @property
     def draft_full(self) -> KVCache:
@@ -195,23 +204,24 @@ class EngineCore:
         self._emit(r)
 
     def _fill_draft(self, b: int, prompt: list[int]) -> None:
-        """The draft cache of a freshly prefilled row, by the cache's policy."""
-        if self.draft.policy.kind != "snapkv" or len(prompt) <= self.draft.budget:
-            self.draft.absorb(self.draft_full, [(b, 0, len(prompt))])
-        else:
-            self._snap(b, prompt)
+        """The draft caches of a freshly prefilled row, each by its policy."""
+        for cache in self.drafts.values():
+            if cache.policy.kind != "snapkv" or len(prompt) <= cache.budget:
+                cache.absorb(self.draft_full, [(b, 0, len(prompt))])
+            else:
+                self._snap(cache, b, prompt)
 
-    def _snap(self, b: int, tokens: list[int]) -> None:
+    def _snap(self, cache: StreamingCache, b: int, tokens: list[int]) -> None:
         """SnapKV selection for row ``b`` holding ``tokens`` (all committed, all in the drafter's
         full cache): the newest ``window`` tokens re-run by the drafter over the cache of those
         before them, and their attention decides."""
         L, dev = len(tokens), self.device
-        w = min(self.draft.policy.window, L)
+        w = min(cache.policy.window, L)
         ck, cv = self.draft_full.view(slice(b, b + 1))
         S = self.draft_full.slots
         scores = self.draft_steps(f"observe@{S}", torch.tensor([tokens[L - w :]], device=dev),
                                   torch.arange(L - w, L, device=dev)[None], ck, cv, torch.tensor([L - w], device=dev))
-        self.draft.select(self.draft_full, b, L, torch.cat((scores[:, 0, :, : L - w], scores[:, 0, :, S:]), dim=-1))
+        cache.select(self.draft_full, b, L, torch.cat((scores[:, 0, :, : L - w], scores[:, 0, :, S:]), dim=-1))
 
     # ------------------------------------------------------------------ decoding
 
@@ -263,7 +273,7 @@ class EngineCore:
             return self._draft_round(gamma, rules, *inputs)
         from .cuda_graphs import replay
 
-        key = (gamma, rules.key)
+        key = (gamma, rules.key, self.drafting)
         round_ = lambda *a: self._draft_round(gamma, rules, *a)  # noqa: E731
         return replay(self._draft_graphs, key, round_, inputs, pinned=lambda i, t: False)
 
@@ -284,6 +294,7 @@ class EngineCore:
             # Each gamma at the bucket its round would run at (fit below).
             buckets = {g: self._bucket(max(longest + g + 1, *self._held())) for g in self.planner.gammas}
             g = self.planner.choose(buckets, rules.greedy)
+            self.drafting = self.planner.policy if self.planner.policy in self.drafts else self.drafting
         e, u = self._randomness(live, g)
         L = torch.tensor(self.lengths, device=dev)
         x = torch.tensor(self.nxt, device=dev)
@@ -309,7 +320,7 @@ class EngineCore:
                                   ck, cv, L)
         totals.verify += time.perf_counter() - t
         verify_s = time.perf_counter() - t
-        totals.round(g, self.planner, self.full.slots, rules.greedy)
+        totals.round(g, self.planner, self.full.slots, rules.greedy, self.drafting)
         acc, extra = rules.accept(drafts, qs, logits, e, None if u is None else u[:, g : 2 * g],
                                   None if u is None else u[:, 2 * g])
         # The one host synchronisation of the round: what each row accepted.
@@ -329,12 +340,14 @@ class EngineCore:
         if self.standalone and self.speculate:  # the drafter's own K/V of the committed tokens, from its scratch
             self.draft_full.write_rows(spans, self.draft.k, self.draft.v, [bases[b] for b, _, _ in spans])
         if self.speculate:
-            self.draft.absorb(self.draft_full, [(b, start, start + n) for b, start, n in spans])
+            for cache in self.drafts.values():
+                cache.absorb(self.draft_full, [(b, start, start + n) for b, start, n in spans])
         for b, start, n in spans:
             self.lengths[b] = start + n
             self.nxt[b] = extra[b]
-            if self.speculate and self.draft.due(b, self.lengths[b]):
-                self._snap(b, (self.slots[b].prompt + self.slots[b].tokens)[: self.lengths[b]])
+            for cache in self.drafts.values() if self.speculate else ():
+                if cache.due(b, self.lengths[b]):
+                    self._snap(cache, b, (self.slots[b].prompt + self.slots[b].tokens)[: self.lengths[b]])
         round_s = time.perf_counter() - t_round
         totals.decode += round_s
         if steady:
@@ -365,14 +378,17 @@ class Totals:
     steady: float = 0.0  # decoding time of the steady rounds
     steady_tokens: int = 0
     gammas: dict = field(default_factory=dict)  # gamma -> rounds run with it
+    policies: dict = field(default_factory=dict)  # draft policy -> rounds that drafted with it
     # The planner's prediction, summed over rounds: tokens per row, and cost in autoregressive steps.
     predicted_tokens: float = 0.0
     predicted_ar_steps: float = 0.0
 
-    def round(self, gamma: int, planner: Planner | None, bucket: int, greedy: bool) -> None:
+    def round(self, gamma: int, planner: Planner | None, bucket: int, greedy: bool, policy: str) -> None:
         self.verify_steps += 1
         self.draft_steps += gamma
         self.gammas[gamma] = self.gammas.get(gamma, 0) + 1
+        if gamma:
+            self.policies[policy] = self.policies.get(policy, 0) + 1
         if planner:
             self.predicted_tokens += omega(planner.acceptance[mode(greedy)].alphas()[:gamma])
             self.predicted_ar_steps += planner.cost_ms(gamma, bucket, greedy) / planner.cost_ms(0, bucket, greedy)
@@ -387,6 +403,7 @@ class Totals:
         return {
             "gamma": gamma,
             "gamma_rounds": dict(sorted(self.gammas.items())),
+            "policy_rounds": dict(sorted(self.policies.items())),
             "predicted_speedup": self.predicted_tokens / self.predicted_ar_steps if self.predicted_ar_steps else None,
             "prompts": len(requests),
             "new_tokens": new,

@@ -125,13 +125,13 @@ class DraftPolicy:
     # 256, greedy, 128 tokens: 0.82-0.84 / 0.78-0.81 / 0.82 against 0.78 / 0.78 / 0.79); window and
     # ring measured best of 8-64 x 32-192; pooling 7 against 3 a tie over four cells (0.792 / 0.789),
     # so SnapKV's usual 7 stays (bench/results/draft-policies).
-    kind: str = "snapkv"  # or "streaming"
+    kind: str = "snapkv"  # or "streaming", or "auto" (the planner picks one per round)
     window: int = 16  # snapkv: the last prompt tokens whose attention scores the rest
     recent: int | None = None  # snapkv: ring slots for the newest tokens (None: half the budget)
     pool: int = 7  # snapkv: max-pooling width over neighbouring positions
     reselect: int = 0  # snapkv: select again from the newest `window` tokens every this many tokens (0: never)
 
-    KINDS = ("streaming", "snapkv")
+    KINDS = ("streaming", "snapkv", "auto")  # auto: both caches kept, the planner picks per round
 
     def ring(self, budget: int) -> int:
         """snapkv: the recent ring's slots at this budget."""
@@ -141,7 +141,7 @@ class DraftPolicy:
         if self.kind not in self.KINDS:
             raise ValueError(f"draft policy {self.kind!r} is not one of {', '.join(self.KINDS)}")
         recent = self.ring(budget)
-        if self.kind == "snapkv" and not (1 <= recent and sinks + recent < budget and 1 <= self.window
+        if self.kind in ("snapkv", "auto") and not (1 <= recent and sinks + recent < budget and 1 <= self.window
                                           and self.pool >= 1 and self.pool % 2 and self.reselect >= 0):
             raise ValueError(f"snapkv needs window >= 1, an odd pool >= 1, reselect >= 0 and recent >= 1 with "
                              f"sinks + recent < budget ({sinks} + {recent} vs {budget})")

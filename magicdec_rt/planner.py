@@ -124,7 +124,8 @@ class Acceptance:
 
 class Planner:
     def __init__(self, calibration: Calibration, gammas: list[int], buckets: list[int], prior: float = 0.8,
-                 prior_weight: float = 4.0, decay: float = 0.97, probe_every: int = 32, cost_weight: float = 0.2):
+                 prior_weight: float = 4.0, decay: float = 0.97, probe_every: int = 32, cost_weight: float = 0.2,
+                 policies: tuple[str, ...] = ("",)):
         missing = [(g, s) for g in gammas for s in buckets if s not in calibration.verify_ms.get(g, {})]
         if missing or not all(m in calibration.draft_ms for m in ("greedy", "sampled")):
             raise EngineError(
@@ -132,11 +133,19 @@ class Planner:
                 "rerun `magicdec-calibrate`"
             )
         self.cal, self.gammas, self.probe_every = calibration, sorted(gammas), probe_every
-        self.acceptance = {m: Acceptance(max(gammas), prior, prior_weight, decay) for m in ("greedy", "sampled")}
+        # Acceptance per draft policy (several under policy "auto"), then per sampling mode.
+        self.learned = {p: {m: Acceptance(max(gammas), prior, prior_weight, decay) for m in ("greedy", "sampled")}
+                        for p in policies}
+        self.policy = policies[0]  # the policy drafting now
         self.cost_scale: dict[int, float] = {}  # gamma -> measured / calibrated round time, running
         self.cost_weight = cost_weight
         self._since_draft = 0
         self._probe_gap = probe_every  # rounds of gamma = 0 before the next probe
+
+    @property
+    def acceptance(self) -> dict:
+        """The drafting policy's acceptance, per sampling mode."""
+        return self.learned[self.policy]
 
     def calibrated_ms(self, gamma: int, bucket: int, greedy: bool) -> float:
         m = mode(greedy)
@@ -155,7 +164,16 @@ class Planner:
         return omega(alphas[:gamma]) * self.cost_ms(0, at[0], greedy) / self.cost_ms(gamma, at[gamma], greedy)
 
     def choose(self, bucket, greedy: bool) -> int:
-        """The gamma to run next; ``bucket`` as for ``speedup``."""
+        """The gamma to run next; ``bucket`` as for ``speedup``. With several draft policies, first
+        the one whose best gamma predicts the most (the policies' steps cost the same): an untried
+        policy keeps the prior, so a running one that learns less is left for it, and one left
+        keeps what it learned until the running one falls below that."""
+        if len(self.learned) > 1:
+            def best_speedup(p):
+                alphas = self.learned[p][mode(greedy)].alphas()
+                return max(self.speedup(g, bucket, greedy, alphas) for g in self.gammas)
+
+            self.policy = max(self.learned, key=best_speedup)
         best = max(self.gammas, key=lambda g: (self.speedup(g, bucket, greedy), -g))
         if best:
             self._probe_gap = self.probe_every

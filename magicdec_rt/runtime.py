@@ -40,10 +40,13 @@ class Runtime:
         # runs the same bookkeeping without capture.
         cuda_graphs = steps.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         calibration = Calibration.load(directory)
-        planner = None if calibration is None else Planner(calibration, manifest.gammas, manifest.context_buckets)
+        draft_policy = draft_policy or DraftPolicy()
+        policies = ("snapkv", "streaming") if draft_policy.kind == "auto" else (draft_policy.kind,)
+        planner = None if calibration is None else Planner(calibration, manifest.gammas, manifest.context_buckets,
+                                                           policies=policies)
         try:
             self.core = EngineCore(manifest, steps, tokenizer, planner, manifest.default_gamma, cuda_graphs,
-                                   show_progress=show_progress, policy=draft_policy or DraftPolicy(),
+                                   show_progress=show_progress, policy=draft_policy,
                                    draft_steps=draft_steps)
         except ValueError as e:
             raise EngineError(str(e)) from None

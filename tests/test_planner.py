@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from magicdec_rt import RequestError, Runtime
 from magicdec_rt.cli import calibrate_main
@@ -92,6 +93,53 @@ def test_planner_never_probes_where_even_perfect_acceptance_loses():
     # A draft step costs as much as a decode step: omega <= g + 1 cannot pay for g + 1 steps.
     p = Planner(calibration(10.0, lambda g, s: 10.0), GAMMAS, [16, 32], probe_every=2)
     assert [p.choose(16, True) for _ in range(10)] == [0] * 10
+
+
+def test_planner_picks_the_draft_policy_that_accepts_more():
+    """Policy "auto": the planner drafts with the policy whose best gamma predicts most. Both start
+    at the prior; the running one that learns less is left for the other, which is kept while it
+    does better than what the first learned."""
+    p = Planner(calibration(0.1, lambda g, s: 2.0), GAMMAS, [16, 32], policies=("snapkv", "streaming"))
+    assert p.choose(16, True) > 0 and p.policy == "snapkv"  # a tie at the prior: the first
+    for _ in range(30):  # SnapKV's drafts are accepted about half the time here
+        p.observe(3, [1, 2, 0, 3], greedy=True, bucket=16, round_ms=p.calibrated_ms(3, 16, True))
+    p.choose(16, True)
+    assert p.policy == "streaming" and p.acceptance is p.learned["streaming"]
+    for _ in range(30):  # StreamingLLM's better: it stays
+        p.observe(3, [3, 3, 2, 3], greedy=True, bucket=16, round_ms=p.calibrated_ms(3, 16, True))
+    assert [p.choose(16, True) and p.policy for _ in range(5)] == ["streaming"] * 5
+    for _ in range(60):  # until it turns worse than what SnapKV showed
+        p.observe(3, [0, 0, 1, 0], greedy=True, bucket=16, round_ms=p.calibrated_ms(3, 16, True))
+    p.choose(16, True)
+    assert p.policy == "snapkv"
+
+
+def test_auto_policy_drafts_with_either_cache_and_generates_what_plain_decoding_does(calibrated, tiny_runtime,
+                                                                                     tmp_path):
+    from magicdec_rt.kv_cache import DraftPolicy
+
+    eng = copy_engine(calibrated, tmp_path)
+    cal = Calibration.load(eng)  # drafts free, verifies dear: every round drafts, the policy choice is all that moves
+    cal.draft_ms = {"greedy": 1e-6, "sampled": 1e-6}
+    cal.verify_ms = {g: {s: 1e6 for s in b} for g, b in cal.verify_ms.items()}
+    cal.save(eng)
+    prompts = [[int(t) for t in torch.randint(0, 16, (40,), generator=torch.Generator().manual_seed(i))]
+               for i in range(8)]
+    want = [r.token_ids for r in tiny_runtime.generate(prompts, max_new_tokens=40, gamma=0)]
+    rt = Runtime.load(eng, draft_policy=DraftPolicy("auto", window=5, recent=2, pool=3))
+    assert sorted(rt.core.drafts) == ["snapkv", "streaming"]
+    assert [r.token_ids for r in rt.generate(prompts, max_new_tokens=40, gamma="auto")] == want
+    s = rt.last_stats
+    assert sum(s["policy_rounds"].values()) == s["verify_steps"] and sorted(s["policy_rounds"]) == ["snapkv", "streaming"]
+    p = rt.planner  # what each policy drafted and got, learned apart
+    assert p.learned["snapkv"]["greedy"].reached[0] > 0 and p.learned["streaming"]["greedy"].reached[0] > 0
+    # Both caches follow every row, each by its own policy (prompts of 40 > the budget of 8).
+    snap, stream = rt.core.drafts["snapkv"], rt.core.drafts["streaming"]
+    for b in range(8):
+        length = rt.core.lengths[b]
+        assert snap.selected_at[b] == 40 and stream.selected_at[b] is None
+        assert sorted(stream.positions[0, b, 0, 2:].tolist()) == list(range(length - 6, length))
+        assert sorted(snap.positions[0, b, 0, 6:].tolist()) == list(range(length - 2, length))
 
 
 def test_acceptance_counts_positions_with_forgetting():

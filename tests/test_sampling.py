@@ -20,6 +20,7 @@ from builders.build import build_engine
 from builders.draft_model import cut_layers
 from magicdec_rt import Runtime
 from magicdec_rt.kv_cache import DraftPolicy
+from magicdec_rt.planner import Calibration
 from magicdec_rt.sampling import (RowRules, SamplingParams, accept_matching, accept_rejection, gumbel_choice, noise,
                                   probabilities, sample)
 
@@ -146,6 +147,13 @@ def wide_tiny(tmp_path_factory):
     Runtime.load(planned).calibrate(repeats=1).save(planned)
     runtimes["auto"] = Runtime.load(planned)
     runtimes["snapkv"] = Runtime.load(engine, draft_policy=DraftPolicy("snapkv", window=4, recent=2, pool=3))
+    # Draft policy "auto", with a calibration that makes every round draft: the planner switches caches.
+    free = shutil.copytree(planned, root / "planned-free")
+    cal = Calibration.load(free)
+    cal.draft_ms = {"greedy": 1e-6, "sampled": 1e-6}
+    cal.verify_ms = {g: {s: 1e6 for s in b} for g, b in cal.verify_ms.items()}
+    cal.save(free)
+    runtimes["auto-policy"] = Runtime.load(free, draft_policy=DraftPolicy("auto", window=4, recent=2, pool=3))
     # A standalone draft model: the target's first layer (then its norm and head) over its own cache.
     drafter = build_engine(root / "engine-dm", src, max_batch=512, max_seq_len=64, max_gamma=3, default_gamma=3,
                            draft_sinks=2, draft_budget=6, prefill_chunk=16, show_progress=False,
@@ -176,10 +184,11 @@ def exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab):
                                                (CONFIGS[0], 3, False), (CONFIGS[2], 3, False),
                                                (CONFIGS[1], "auto", False), (CONFIGS[0], "snapkv", True),
                                                (CONFIGS[2], "snapkv", False), (CONFIGS[0], "draft-model", True),
-                                               (CONFIGS[2], "draft-model", False)],
+                                               (CONFIGS[2], "draft-model", False), (CONFIGS[2], "auto-policy", False)],
                          ids=["t1", "t0.7-k4", "t1.3-p0.7", "t1-autoregressive", "t0.7-k4-planner",
                               "t1-rejection", "t1.3-p0.7-rejection", "t0.7-k4-planner-rejection", "t1-snapkv",
-                              "t1.3-p0.7-snapkv-rejection", "t1-draft-model", "t1.3-p0.7-draft-model-rejection"])
+                              "t1.3-p0.7-snapkv-rejection", "t1-draft-model", "t1.3-p0.7-draft-model-rejection",
+                              "t1.3-p0.7-auto-policy-rejection"])
 def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma, seeded):
     """Tiny model, draft cache far smaller than the prompt (so drafts are often rejected): the joint
     of the first two generated tokens and the marginals of the 3rd and 4th (made of accepted
@@ -194,12 +203,17 @@ def test_generation_samples_the_target_distribution(wide_tiny, sp, gamma, seeded
     torch.manual_seed(1000 * CONFIGS.index(sp) + 1)
     if gamma in ("snapkv", "draft-model"):
         gamma = 3
+    auto_policy = gamma == "auto-policy"
+    if auto_policy:
+        gamma = "auto"
     outs = rt.generate([prompt] * N, max_new_tokens=n_tokens, temperature=sp.temperature,
                        top_k=sp.top_k, top_p=sp.top_p, seed=1000 * CONFIGS.index(sp) if seeded else None, gamma=gamma)
     stats = rt.last_stats
     assert stats["gamma"] == gamma
     if gamma == 3:
         assert 0.05 < stats["acceptance_rate"] < 0.95, stats
+    if auto_policy:
+        assert sorted(stats["policy_rounds"]) == ["snapkv", "streaming"], stats
     toks = np.array([o.token_ids for o in outs])
     assert toks.shape == (N, n_tokens)
     pairs, marginals = exact_sequence_distributions(hf, prompt, sp, n_tokens, vocab)
