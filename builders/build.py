@@ -22,8 +22,8 @@ import magicdec_rt
 from magicdec_rt import cpu, linear
 from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
 from magicdec_rt.cli import OneLineErrors, ShowDefaults, run_cli
-from magicdec_rt.engine import (BACKENDS, DEVICES, DRAFT_POSITIONS, DTYPES, FORMAT_VERSION, Manifest, default_buckets, draft_manifest,
-                                read_manifest)
+from magicdec_rt.engine import (BACKENDS, DEVICES, DRAFT_POSITIONS, DTYPES, FORMAT_VERSION, Manifest, default_buckets,
+                                draft_manifest, read_manifest)
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
 

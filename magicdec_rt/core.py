@@ -68,8 +68,9 @@ class EngineCore:
         # One draft cache per policy: "auto" keeps both, and the planner picks the one to draft with
         # each round (SnapKV until then: it led wherever measured).
         kinds = ("snapkv", "streaming") if policy.kind == "auto" else (policy.kind,)
-        self.drafts = {k: StreamingCache(drafter, m.max_batch, m.draft_sinks, m.draft_budget, m.draft_slots - m.draft_budget,
-                                         dt, self.device, replace(policy, kind=k)) for k in kinds}
+        scratch = m.draft_slots - m.draft_budget
+        self.drafts = {k: StreamingCache(drafter, m.max_batch, m.draft_sinks, m.draft_budget, scratch, dt, self.device,
+                                         replace(policy, kind=k)) for k in kinds}
         self.drafting = kinds[0]
         self.slots: list[Request | None] = [None] * m.max_batch
         self.lengths = [0] * m.max_batch  # cache slots holding the row's tokens
@@ -302,7 +303,8 @@ class EngineCore:
         drafts = torch.zeros(m.max_batch, 0, dtype=torch.long, device=dev)
         qs = torch.zeros(m.max_batch, 0, m.model.vocab_size, device=dev)
         if g and m.draft_positions == "cache":
-            self.draft.reposition(self.draft_full, live, [self.lengths[b] for b in live], self.draft_steps.model.inv_freq)
+            self.draft.reposition(self.draft_full, live, [self.lengths[b] for b in live],
+                                  self.draft_steps.model.inv_freq)
         # A standalone drafter runs even at gamma = 0, for the K/V of the token about to be committed.
         if g or (self.standalone and self.speculate):
             bases = [self.draft.valid(n) for n in self.lengths]

@@ -20,9 +20,10 @@ Keys keep their *original* RoPE positions by default: contexts here never exceed
 trained length, so the draft's attention is exactly the target's attention restricted to the kept
 tokens (whatever slot or head holds them), and the target's K/V can be copied in unchanged after
 each verification. An engine built with ``draft_positions="cache"`` uses StreamingLLM's positions
-inside the cache instead (``StreamingCache.reposition``: only the slots before the ring move). Because attention does not care about slot order,
-the valid slots are always a prefix: ``min(length, budget)`` slots, then the round's draft tokens,
-so the draft step uses the same ``lengths`` mask as every other step. ``positions`` records which
+inside the cache instead (``StreamingCache.reposition``: only the slots before the ring move).
+Because attention does not care about slot order, the valid slots are always a prefix:
+``min(length, budget)`` slots, then the round's draft tokens, so the draft step uses the same
+``lengths`` mask as every other step. ``positions`` records which
 position each slot holds (-1: none), for tests and inspection.
 """
 
