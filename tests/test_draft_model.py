@@ -150,3 +150,17 @@ def test_an_aoti_engine_compiles_the_draft_model(tmp_path, tiny_aoti_engine, tin
     # Rebuilt without it: the draft model and its graphs go.
     build_engine(out, tiny_hf, backend="aoti", **TINY_AOTI)
     assert not (out / "draft").exists() and read_manifest(out).draft_model is None
+
+
+def test_cut_draft_cli_errors_are_one_line(tmp_path, tiny_hf, capsys):
+    from builders.draft_model import main as cut_main
+
+    for argv, message in ((["--layers", "0"], "layers=0 is out of range: must be in [1, 1]"),
+                          (["--layers", "1", "--model", str(tmp_path / "none")], "does not exist")):
+        capsys.readouterr()
+        model = [] if "--model" in argv else ["--model", str(tiny_hf)]
+        assert cut_main([*model, *argv, "--out", str(tmp_path / "cut")]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("magicdec-cut-draft: error:") and message in last, last
+    assert cut_main(["--model", str(tiny_hf), "--layers", "1", "--out", str(tmp_path / "cut")]) == 0
+    assert (tmp_path / "cut" / "model.safetensors").is_file()
