@@ -167,16 +167,18 @@ def build_engine(
     # never leaves a stale engine behind (its finished graphs are still reused next time).
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
-    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    weights = write_weights(out, config, state, dtype)
     # Tensor parallelism: one weights file per rank, so each rank reads only its slice.
     for f in out.glob("rank*.safetensors"):
         f.unlink()
     if world_size > 1:
         for rank, part in enumerate(rank_weights(weights, config, world_size)):
             save_file(part, out / rank_file(rank), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    _write_draft(out / "draft", drafter, dtype)
+    # The draft model's HF directory inside the engine (without one, a stale one goes).
+    if drafter is None:
+        shutil.rmtree(out / "draft", ignore_errors=True)
+    else:
+        write_weights(out / "draft", *drafter, dtype)
     tokenizer.save_pretrained(out)
     if generation is not None:
         generation.save_pretrained(out)
@@ -254,16 +256,14 @@ def _draft_source(path: Path, config: dict, tokenizer, seq: int) -> tuple[dict, 
     return dconfig, dstate
 
 
-def _write_draft(directory: Path, drafter, dtype: str) -> None:
-    """The draft model's HF directory inside the engine (none without one: a stale one goes)."""
-    if drafter is None:
-        shutil.rmtree(directory, ignore_errors=True)
-        return
-    directory.mkdir(exist_ok=True)
-    config, state = drafter
-    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, directory / "model.safetensors",
-              metadata={"format": "pt"})
+def write_weights(directory: Path, config: dict, state: dict, dtype: str) -> dict:
+    """An HF model directory's ``config.json`` and ``model.safetensors`` (weights in ``dtype``);
+    returns the weights as written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    return weights
 
 
 def build_like(engine: str | Path, out_dir: str | Path, **overrides) -> Path:

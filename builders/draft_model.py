@@ -5,15 +5,14 @@ the first layers' computation, which is what a standalone draft needs to be trie
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-
-from safetensors.torch import save_file
 
 from magicdec_rt.checkpoint import embedded_model_path, load_source
 from magicdec_rt.cli import OneLineErrors, ShowDefaults, run_cli
 from magicdec_rt.errors import EngineError
+
+from .build import write_weights
 
 
 def cut_layers(source: str | Path | None, layers: int, out: str | Path) -> Path:
@@ -22,15 +21,12 @@ def cut_layers(source: str | Path | None, layers: int, out: str | Path) -> Path:
     total = config["num_hidden_layers"]
     if not 1 <= layers < total:
         raise EngineError(f"layers={layers} is out of range: must be in [1, {total - 1}] (the model has {total})")
-    keep = {k: v.contiguous() for k, v in state.items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    keep = {k: v for k, v in state.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
     config = dict(config, num_hidden_layers=layers)
     if isinstance(config.get("layer_types"), list):
         config["layer_types"] = config["layer_types"][:layers]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(keep, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    write_weights(out, config, keep, "float32")  # as the source was loaded (GGUF dequantized to float32)
     tokenizer.save_pretrained(out)
     if generation is not None:
         generation.save_pretrained(out)

@@ -90,12 +90,14 @@ class Manifest:
         return next(b for b in self.context_buckets if b >= length)
 
     def step_names(self) -> list[str]:
-        names = [f"prefill@{b}" for b in self.context_buckets] + ["draft"]
-        return names + [f"verify{g}@{b}" for g in self.gammas for b in self.context_buckets]
+        return self._drafting_steps() + [f"verify{g}@{b}" for g in self.gammas for b in self.context_buckets]
 
     def draft_step_names(self) -> list[str]:
         """A standalone draft model's steps: its prefill chunks (its own full cache) and its draft step."""
-        return [f"prefill@{b}" for b in self.context_buckets] + ["draft"] if self.draft_model else []
+        return self._drafting_steps() if self.draft_model else []
+
+    def _drafting_steps(self) -> list[str]:
+        return [f"prefill@{b}" for b in self.context_buckets] + ["draft"]
 
     def step_shape(self, name: str) -> tuple[int, int, int]:
         """``(batch, block tokens, cache slots)`` of the step ``name``."""
