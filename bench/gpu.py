@@ -97,8 +97,9 @@ case = sys.argv[1]
 if "kernel" in case:
     from magicdec_rt import attention
     attention.kernel_available()
-m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU()).cuda()
-x = torch.randn(4, 64, device="cuda")
+device = "cpu" if "cpu" in case else "cuda"
+m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU()).to(device)
+x = torch.randn(4, 64, device=device)
 ep = torch.export.export(m, (x,))
 path = str(Path(tempfile.mkdtemp()) / "g.pt2")
 torch._inductor.aoti_compile_and_package(ep, package_path=path,
@@ -112,18 +113,21 @@ print("ok")
 
 
 def aoti_probe() -> dict:
-    """Which ingredient of an aoti-cuda graph crashes a process (the H200 run of 2026-11-25 segfaulted
-    in ``aoti_load_package``): a two-layer model compiled with Inductor's defaults, with the engine's
-    options (weights outside the package, freezing), and with those after loading the CPU kernels.
-    Each case runs in its own process, so a crash is reported by its exit status."""
+    """Which ingredient of an aoti-cuda graph crashes a process (the H200 runs of 2026-11-25/26
+    segfaulted in ``aoti_load_package``): a two-layer model compiled with Inductor's defaults on the
+    CPU and on the GPU, with the engine's options (weights outside the package, freezing), and with
+    those after loading the CPU kernels. Each case runs in its own process, so a crash is reported by
+    its exit status. On 2026-11-26 every case crashed, the CPU one too: the AOTI runtime of that
+    machine's torch 2.11.0+cu130 fails to load any package, whatever magicdec-rt adds."""
     import os
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = {}
-    for case in ("defaults", "options", "options+kernel"):
+    for case in ("cpu defaults", "defaults", "options", "options+kernel"):
         proc = subprocess.run([sys.executable, "-c", PROBE, case], capture_output=True, text=True, env=env, timeout=300)
-        out[case] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1]
+        said = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Extension modules")]
+        out[case] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: " + (said or [""])[-1]
         log(f"aoti probe {case}: {out[case]}")
     return out
 
