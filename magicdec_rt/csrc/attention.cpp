@@ -400,12 +400,9 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 #include <immintrin.h>
 #define ISA_AVX512BF16 "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c"
 
-// bfloat16 caches on CPUs with AVX512-BF16, for 5 or more query rows per KV head (the verify steps
-// at group size 3; fewer rows go to Kernel<16, D>, whose keys-in-lanes scores are bound by reading
-// the cache rather than by arithmetic, and which ran as fast or faster there than this path or a
-// keys-in-lanes bf16 variant, since removed). q.k and p.v are dot products of bf16 pairs
-// (vdpbf16ps: exact products, float32 sums) read straight from the cache, so K is never widened
-// and V only interleaved by key pairs. q is rounded to bf16 (exact when the
+// bfloat16 caches on CPUs with AVX512-BF16, any number of query rows. q.k and p.v are dot
+// products of bf16 pairs (vdpbf16ps: exact products, float32 sums) read straight from the cache, so
+// K is never widened and V only interleaved by key pairs. q is rounded to bf16 (exact when the
 // model runs in bf16) and the softmax weights are rounded to bf16 before p.v, as a bf16 GEMM
 // would; the softmax itself stays float32.
 // Scores are computed with the query rows in lanes: the queries of 16 rows as bf16 pairs Qp [D/2]
@@ -413,10 +410,9 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 // vdpbf16ps computes a 2-dim slice of 16 rows' scores for one key, with no transpose and no
 // widening; the softmax's row maxima and sums are then lane-wise. Accumulators hold their dims
 // in the order unpack gives them, and are put back in order at the end of the item.
-// Measured on an AVX512-BF16 EPYC, B16 x 7680 slots, one layer, against the float32 path: 2.7-3.0
-// vs 3.3-3.5 ms at 5 rows, 3.2 vs 3.9 at 6, 3.2 vs 4.5 at 9-12, 5.0 vs 7.3 at 21; at 4 rows
-// 2.9-3.2 vs 2.6-2.8 (there the float32 path's keys in lanes wins).
-constexpr int LANES_MIN_ROWS = 5;
+// Measured on an AVX512-BF16 EPYC, B16 x 7680 slots (3840 at head dim 128), one layer, against the
+// float32 path (Kernel<16, D>, keys in lanes for few rows): 1.05-1.5x at 1-4 rows, 1.0-1.8x at
+// 6-21 (python bench/roofline.py; the float32 path has no prefetch, below).
 constexpr int PREFETCH_KEYS = 128;  // how far ahead of the block being computed the cache is fetched
 
 template <int D>
@@ -426,18 +422,23 @@ struct Bf16 {
   static constexpr int LK = 16;     // keys per block (one score accumulator each)
   static constexpr int LT = (28 / A - 1) > 6 ? 6 : 28 / A - 1;  // query rows per p.v tile: LT*A + A registers
 
-  // Slots [s, s + n) below hi of both planes towards the cache, some blocks before they are read:
-  // with more compute per block (rows in lanes) the hardware prefetcher alone fell behind
-  // (measured at 12 query rows, B16 x 7680 slots: 440 ns per 16-key block without, 330-375 with,
-  // 295 with the cache in L2). Every line: one prefetch per two lines ran 1.6x slower. The float32
-  // keys-in-lanes path runs slower with prefetch (3 rows: 3.0-3.4 ms per layer against 2.4-2.6), so
-  // it has none.
-  static INLINE void prefetch(const uint16_t* kc, const uint16_t* vc, int64_t s, int64_t hi, int n) {
-    const int64_t end = std::min<int64_t>(s + n, hi);
-    for (int64_t b = s * D * 2; b < end * D * 2; b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(kc) + b, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(vc) + b, _MM_HINT_T0);
-    }
+  // The block PREFETCH_KEYS ahead is fetched towards L1 while this one computes: its lines
+  // (D/2 per plane: LK keys x 2D bytes) are prefetched one K line and one V line per step of the
+  // q.k loop, those below hi only. With more compute per block (rows in lanes) the hardware
+  // prefetcher alone fell behind, and all of a block's prefetches issued at once, before its
+  // compute, still left the reads and the arithmetic one after the other. Measured at B16 x 7680
+  // slots, one layer, bf16 cache, 6-15 query rows: 88-95% of the read floor spread out, 50-58% all
+  // at once (~440 ns per 16-key block with no prefetch, 330-375 at once, 180-220 spread). The
+  // float32 keys-in-lanes path gained nothing from prefetch (3 rows), so it has none.
+  struct Ahead {
+    const char *k, *v;
+    int lines;  // lines of each plane to fetch: D/2 for a whole block, fewer near hi, 0 past it
+  };
+  static_assert(LK * 2 * D / 64 == D / 2, "one line of each plane per step of the q.k loop");
+  static INLINE Ahead ahead(const uint16_t* kc, const uint16_t* vc, int64_t s, int64_t hi) {
+    const int64_t a = s + PREFETCH_KEYS, keys = std::clamp<int64_t>(hi - a, 0, LK);
+    return {reinterpret_cast<const char*>(kc + a * D), reinterpret_cast<const char*>(vc + a * D),
+            int((keys * D * 2 + 63) / 64)};
   }
 
   // V of slots [s, s + 2 * pairs) (those below nk) interleaved by key pairs for vdpbf16ps.
@@ -524,12 +525,18 @@ struct Bf16 {
 
   // One block of nk <= LK keys (K rows at kb, stride D) for the <= 16 query rows of Qp: scores,
   // the rows' online softmax state m, l [16] and acc [16][D].
+  // The next blocks' lines (`next`) are prefetched along the q.k loop.
   __attribute__((target(ISA_AVX512BF16))) static INLINE void block(const __m512i* Qp, int rows, float qscale,
                                                                           const uint16_t* kb, const __m512i (*Vp)[A],
-                                                                          int nk, float* m, float* l, float* acc) {
+                                                                          int nk, float* m, float* l, float* acc,
+                                                                          Ahead next) {
     __m512 s[LK];
     for (int k = 0; k < LK; ++k) s[k] = _mm512_setzero_ps();
     for (int j = 0; j < D / 2; ++j) {
+      if (j < next.lines) {
+        _mm_prefetch(next.k + 64 * j, _MM_HINT_T0);
+        _mm_prefetch(next.v + 64 * j, _MM_HINT_T0);
+      }
       const __m512bh qv = (__m512bh)_mm512_load_si512(Qp + j);
       for (int k = 0; k < LK; ++k) {
         int32_t pair;
@@ -585,7 +592,7 @@ struct Bf16 {
         }
       for (int64_t s = lo; s < hi; s += LK) {
         const int nk = int(std::min<int64_t>(LK, hi - s));
-        prefetch(kc, vc, s + PREFETCH_KEYS, hi, LK);
+        const Ahead next = ahead(kc, vc, s, hi);
         const uint16_t* kb = kc + s * D;
         if (nk < LK) {
           std::memset(tail, 0, sizeof tail);
@@ -595,7 +602,8 @@ struct Bf16 {
         interleave(vc, s, nk, Vp, LK / 2);
         for (int64_t g = 0; g < ng; ++g) {
           const int64_t o = (g0 + g) * 16;
-          block(Qp[g], int(std::min<int64_t>(16, R - o)), a.qscale, kb, Vp, nk, m + o, l + o, acc + o * D);
+          block(Qp[g], int(std::min<int64_t>(16, R - o)), a.qscale, kb, Vp, nk, m + o, l + o, acc + o * D,
+                g == 0 ? next : Ahead{nullptr, nullptr, 0});
         }
       }
     }
@@ -605,7 +613,7 @@ struct Bf16 {
 
 __attribute__((target(ISA_AVX512BF16))) void items_avx512bf16(const Args& a, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; ++w) {
-    if (a.dtype != 1 || a.R < LANES_MIN_ROWS) run_items<16>(a, w, w + 1);
+    if (a.dtype != 1) run_items<16>(a, w, w + 1);
     else if (a.d == 64) Bf16<64>::item(a, w);
     else Bf16<128>::item(a, w);
   }
