@@ -269,8 +269,9 @@ struct Kernel {
   // Lane group g of a query block [R][D] transposed into Qt [D][N] (rows past R are zero).
   static INLINE int transpose(const float* q, float qscale, int64_t R, int64_t g, float* Qt) {
     int rows = int(std::min<int64_t>(N, R - g * N));
-    for (int k = 0; k < D; ++k)
-      for (int i = 0; i < N; ++i) Qt[k * N + i] = i < rows ? q[(g * N + i) * D + k] * qscale : 0.0f;
+    std::memset(Qt, 0, sizeof(float) * D * N);
+    for (int i = 0; i < rows; ++i)
+      for (int k = 0; k < D; ++k) Qt[k * N + i] = q[(g * N + i) * D + k] * qscale;
     return rows;
   }
 
@@ -435,9 +436,27 @@ struct Bf16 {
     int lines;  // lines of each plane to fetch: D/2 for a whole block, fewer near hi, 0 past it
   };
   static_assert(LK * 2 * D / 64 == D / 2, "one line of each plane per step of the q.k loop");
-  static INLINE Ahead ahead(const uint16_t* kc, const uint16_t* vc, int64_t s, int64_t hi) {
-    const int64_t a = s + PREFETCH_KEYS, keys = std::clamp<int64_t>(hi - a, 0, LK);
-    return {reinterpret_cast<const char*>(kc + a * D), reinterpret_cast<const char*>(vc + a * D),
+  // Slots [lo, hi) of one item's planes.
+  struct Span {
+    const uint16_t *kc, *vc;
+    int64_t lo, hi;
+  };
+  static INLINE Span span(const Args& a, int64_t w) {
+    const int64_t split = w % a.splits, bh = w / a.splits, lo = split * a.chunk;
+    const int64_t off = bh * a.S * D;
+    return {static_cast<const uint16_t*>(a.kc) + off, static_cast<const uint16_t*>(a.vc) + off, lo,
+            std::min(lo + a.chunk, a.len[bh / a.kv])};
+  }
+  // The block PREFETCH_KEYS after slot s of `cur`, continuing into `next` (the thread's next item,
+  // or lo == hi for none) past cur's end: a short item's first blocks are then fetched while the
+  // previous item computes.
+  static INLINE Ahead ahead(const Span& cur, const Span& next, int64_t s) {
+    int64_t at = s + PREFETCH_KEYS;
+    const Span& sp = at < cur.hi ? cur : next;
+    if (at >= cur.hi) at = next.lo + (at - cur.hi);
+    const int64_t keys = std::clamp<int64_t>(sp.hi - at, 0, LK);
+    if (keys == 0) return {nullptr, nullptr, 0};
+    return {reinterpret_cast<const char*>(sp.kc + at * D), reinterpret_cast<const char*>(sp.vc + at * D),
             int((keys * D * 2 + 63) / 64)};
   }
 
@@ -567,12 +586,14 @@ struct Bf16 {
     pv_rows(acc, rows, W, cr, Vp, (nk + 1) / 2);
   }
 
-  __attribute__((target(ISA_AVX512BF16))) static void item(const Args& a, int64_t w) {
+  // Item w; `last` says whether it is the last of this thread's range.
+  __attribute__((target(ISA_AVX512BF16))) static void item(const Args& a, int64_t w, bool last) {
     const auto [bh, lo, hi, m, l, acc] = start_item(a, w);
     if (lo >= hi) return;
     const int64_t R = a.R, groups = (R + 15) / 16;
-    const uint16_t* kc = static_cast<const uint16_t*>(a.kc) + bh * a.S * D;
-    const uint16_t* vc = static_cast<const uint16_t*>(a.vc) + bh * a.S * D;
+    const Span cur = span(a, w), next = last ? Span{nullptr, nullptr, 0, 0} : span(a, w + 1);
+    const uint16_t* kc = cur.kc;
+    const uint16_t* vc = cur.vc;
     const float* q = a.q + bh * R * D;
     constexpr int MAXG = 4;  // up to 64 query rows held as pairs at a time
     alignas(64) __m512i Qp[MAXG][D / 2];
@@ -580,19 +601,25 @@ struct Bf16 {
     alignas(64) __m512i Vp[LK / 2][A];
     for (int64_t g0 = 0; g0 < groups; g0 += MAXG) {
       const int64_t ng = std::min<int64_t>(MAXG, groups - g0);
-      for (int64_t g = 0; g < ng; ++g)
-        for (int j = 0; j < D / 2; ++j) {
-          alignas(64) float lo_[16], hi_[16];
-          for (int r = 0; r < 16; ++r) {
-            const int64_t row = (g0 + g) * 16 + r;
-            lo_[r] = row < R ? q[row * D + 2 * j] : 0.0f;
-            hi_[r] = row < R ? q[row * D + 2 * j + 1] : 0.0f;
+      for (int64_t g = 0; g < ng; ++g) {
+        // Row r in bf16 is D/2 dwords, dword j its pair j: transposed into lane r of Qp[g][j].
+        std::memset(Qp[g], 0, sizeof Qp[g]);
+        uint32_t* lanes = reinterpret_cast<uint32_t*>(Qp[g]);
+        const int rows = int(std::min<int64_t>(16, R - (g0 + g) * 16));
+        for (int r = 0; r < rows; ++r) {
+          const float* row = q + ((g0 + g) * 16 + r) * D;
+          for (int z = 0; z < D / 32; ++z) {
+            alignas(64) uint32_t pairs[16];
+            _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 32 * z + 16),
+                                                                   _mm512_loadu_ps(row + 32 * z)));
+            for (int j = 0; j < 16; ++j) lanes[(16 * z + j) * 16 + r] = pairs[j];
           }
-          Qp[g][j] = zip(_mm512_load_ps(lo_), _mm512_load_ps(hi_));
         }
+      }
       for (int64_t s = lo; s < hi; s += LK) {
         const int nk = int(std::min<int64_t>(LK, hi - s));
-        const Ahead next = ahead(kc, vc, s, hi);
+        // More passes over this item's slots (over 64 rows) start again at lo.
+        const Ahead ahd = ahead(cur, g0 + ng < groups ? cur : next, s);
         const uint16_t* kb = kc + s * D;
         if (nk < LK) {
           std::memset(tail, 0, sizeof tail);
@@ -603,7 +630,7 @@ struct Bf16 {
         for (int64_t g = 0; g < ng; ++g) {
           const int64_t o = (g0 + g) * 16;
           block(Qp[g], int(std::min<int64_t>(16, R - o)), a.qscale, kb, Vp, nk, m + o, l + o, acc + o * D,
-                g == 0 ? next : Ahead{nullptr, nullptr, 0});
+                g == 0 ? ahd : Ahead{nullptr, nullptr, 0});
         }
       }
     }
@@ -614,8 +641,8 @@ struct Bf16 {
 __attribute__((target(ISA_AVX512BF16))) void items_avx512bf16(const Args& a, int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; ++w) {
     if (a.dtype != 1) run_items<16>(a, w, w + 1);
-    else if (a.d == 64) Bf16<64>::item(a, w);
-    else Bf16<128>::item(a, w);
+    else if (a.d == 64) Bf16<64>::item(a, w, w + 1 == end);
+    else Bf16<128>::item(a, w, w + 1 == end);
   }
 }
 __attribute__((target(ISA_AVX512BF16))) void merge_avx512bf16(const Args& a, int64_t b, int64_t e) { run_merge<16>(a, b, e); }
