@@ -31,14 +31,23 @@ constexpr int NB = 64;  // output features per block
 constexpr int MR = 6;   // rows per tile: 6 x 4 accumulators + 4 weight vectors + 1 broadcast registers
 
 // Rows [0, R) (R <= MR) of x times one packed block of NB features, into y (row stride ldy); only
-// the first `cols` features are stored.
+// the first `cols` features are stored. Tile i of the block's nt tiles prefetches the i-th of nt
+// interleaved shares of the thread's next block (`next`, or null), so the next weights stream in
+// while every tile of this block computes (one tile prefetching it all overlapped the reads with
+// only that tile; spread out: 30 layers' linears at M = 16 from memory 7.7 -> 7.0 ms, M = 64
+// 18.8 -> 16.6 ms).
 template <int R>
-TARGET INLINE void tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t ldy, int cols) {
+TARGET INLINE void tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t ldy, int cols,
+                        const char* next, int64_t i, int64_t nt) {
   __m512 c[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < K / 2; ++p) {
     const uint16_t* wp = w + p * 2 * NB;
+    if (next && (i * (K / 2) + p) % nt == 0) {  // the next block's pair (i * K/2 + p) / nt: 4 lines
+      const char* np = next + (i * (K / 2) + p) / nt * 4 * NB;
+      for (int j = 0; j < 4; ++j) _mm_prefetch(np + 64 * j, _MM_HINT_T0);
+    }
     __m512bh v[4];
     for (int j = 0; j < 4; ++j) v[j] = (__m512bh)_mm512_loadu_si512(wp + 32 * j);
     for (int r = 0; r < R; ++r) {
@@ -62,16 +71,19 @@ TARGET void blocks(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, u
   for (int64_t nb = begin; nb < end; ++nb) {
     const uint16_t* wb = w + nb * K * NB;
     const int cols = int(std::min<int64_t>(NB, N - nb * NB));
+    const int64_t nt = (M + MR - 1) / MR;
+    const char* next = nb + 1 < end ? reinterpret_cast<const char*>(wb + K * NB) : nullptr;
     for (int64_t m = 0; m < M; m += MR) {
+      const int64_t i = m / MR;
       const uint16_t* xm = x + m * K;
       uint16_t* ym = y + m * N + nb * NB;
       switch (std::min<int64_t>(MR, M - m)) {
-        case 6: tile<6>(xm, K, wb, ym, N, cols); break;
-        case 5: tile<5>(xm, K, wb, ym, N, cols); break;
-        case 4: tile<4>(xm, K, wb, ym, N, cols); break;
-        case 3: tile<3>(xm, K, wb, ym, N, cols); break;
-        case 2: tile<2>(xm, K, wb, ym, N, cols); break;
-        default: tile<1>(xm, K, wb, ym, N, cols); break;
+        case 6: tile<6>(xm, K, wb, ym, N, cols, next, i, nt); break;
+        case 5: tile<5>(xm, K, wb, ym, N, cols, next, i, nt); break;
+        case 4: tile<4>(xm, K, wb, ym, N, cols, next, i, nt); break;
+        case 3: tile<3>(xm, K, wb, ym, N, cols, next, i, nt); break;
+        case 2: tile<2>(xm, K, wb, ym, N, cols, next, i, nt); break;
+        default: tile<1>(xm, K, wb, ym, N, cols, next, i, nt); break;
       }
     }
   }
