@@ -89,7 +89,10 @@ def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, ga
     name = f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}" + ("-cachepos" if draft_positions == "cache" else "")
     path = ROOT / "engines" / (name if backend == "eager" else f"{name}-{backend}")
     if (path / "manifest.json").is_file() and set(gammas) <= set(read_manifest(path).gammas):
-        if not (path / "calibration.json").is_file():
+        from magicdec_rt.planner import Calibration
+
+        calibration = Calibration.load(path)
+        if calibration is None or calibration.changed():  # none, or measured under other kernels / CPU / torch
             from magicdec_rt.cli import calibrate
 
             calibrate(path)

@@ -21,7 +21,10 @@ an engine's steps always run its full static batch, so its costs are per engine.
 
 Costs come from a calibration: the engine's own steps timed on this machine
 (``Runtime.calibrate``, ``magicdec-calibrate``), stored in the engine directory as
-``calibration.json``. Steps timed alone are not rounds run in the loop, and a shared machine
+``calibration.json`` with what they depend on (CPU, threads, torch, the CPU kernels' sources); a
+runtime loading one measured under anything else warns that it is stale (a faster attention kernel
+made the AR step 17% cheaper than an older calibration said, and the planner then drafted at a
+point where that lost 7%). Steps timed alone are not rounds run in the loop, and a shared machine
 drifts, so each gamma's calibrated cost is scaled by the running ratio of the round times measured
 with it to what the calibration predicted; a gamma not run yet takes the mean ratio of those that
 were (drift moves every step alike, and favouring the untried gamma would make the planner flip
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from . import attention, cpu
 from .errors import EngineError
 
 CALIBRATION_FILE = "calibration.json"
@@ -58,6 +62,12 @@ class Calibration:
     verify_ms: dict[int, dict[int, float]]  # gamma -> bucket -> one verify step
     rest_ms: dict[str, dict[int, float]]  # mode -> gamma -> accept/reject of one round
     host: dict = field(default_factory=dict)
+
+    def changed(self) -> list[str]:
+        """What this calibration was measured under that differs here (``host_info``); nothing for
+        one that recorded no host (hand-made)."""
+        here = host_info()
+        return [k for k in here if self.host and self.host.get(k) != here[k]]
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CALIBRATION_FILE
@@ -82,8 +92,9 @@ class Calibration:
 
 
 def host_info() -> dict:
-    return {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    """What step times depend on besides the engine."""
+    return {"machine": platform.machine(), "cpu": cpu.model_name(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "kernels": attention.fingerprint()}
 
 
 def mode(greedy: bool) -> str:

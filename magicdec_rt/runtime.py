@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +25,7 @@ from .core import EngineCore, Totals
 from .engine import Manifest, load_draft_steps, load_steps, read_manifest
 from .kv_cache import DraftPolicy
 from .errors import EngineError, RequestError
-from .planner import Calibration, Planner, host_info
+from .planner import CALIBRATION_FILE, Calibration, Planner, host_info
 from .requests import GenerationResult, StreamEvent, make_requests
 from .sampling import RowRules, SamplingParams, probabilities
 
@@ -40,6 +41,10 @@ class Runtime:
         # runs the same bookkeeping without capture.
         cuda_graphs = steps.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         calibration = Calibration.load(directory)
+        if calibration is not None and (changed := calibration.changed()):
+            warnings.warn(f"{directory / CALIBRATION_FILE} was measured with another {', '.join(changed)} than this "
+                          f"process has, so the planner may choose badly; rerun `magicdec-calibrate --engine "
+                          f"{directory}`", RuntimeWarning, stacklevel=3)
         draft_policy = draft_policy or DraftPolicy()
         policies = ("snapkv", "streaming") if draft_policy.kind == "auto" else (draft_policy.kind,)
         planner = None if calibration is None else Planner(calibration, manifest.gammas, manifest.context_buckets,

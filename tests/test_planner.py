@@ -169,6 +169,27 @@ def test_calibration_is_stored_with_the_engine(calibrated):
     assert rt.planner is not None
 
 
+@pytest.mark.parametrize("key, old", [("kernels", "0123456789ab"), ("torch", "2.0.0"), ("cpu", "Another CPU")])
+def test_a_calibration_measured_elsewhere_warns_that_it_is_stale(calibrated, tmp_path, key, old):
+    """Step times depend on the CPU kernels' sources, torch and the CPU: one measured under others
+    misleads the planner, and loading it says so (a fresh one does not warn)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime.load(calibrated)
+    assert Calibration.load(calibrated).changed() == []
+    eng = copy_engine(calibrated, tmp_path)
+    cal = Calibration.load(eng)
+    cal.host[key] = old
+    cal.save(eng)
+    assert Calibration.load(eng).changed() == [key]
+    with pytest.warns(RuntimeWarning, match=rf"calibration.json was measured with another {key} than this process has, "
+                                            r"so the planner may choose badly; rerun `magicdec-calibrate --engine "):
+        rt = Runtime.load(eng)
+    assert rt.planner is not None  # still used: the round times it measures rescale it
+
+
 def test_auto_gamma_generates_what_plain_decoding_does(calibrated, tiny_runtime):
     prompts = [f"w{i} w{i + 3} w{(5 * i) % 16}" for i in range(12)]  # more prompts than slots: refills
     want = [r.token_ids for r in tiny_runtime.generate(prompts, max_new_tokens=30, gamma=0)]
