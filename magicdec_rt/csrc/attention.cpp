@@ -411,9 +411,9 @@ INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
 // vdpbf16ps computes a 2-dim slice of 16 rows' scores for one key, with no transpose and no
 // widening; the softmax's row maxima and sums are then lane-wise. Accumulators hold their dims
 // in the order unpack gives them, and are put back in order at the end of the item.
-// Measured on an AVX512-BF16 EPYC, B16 x 7680 slots (3840 at head dim 128), one layer, against the
-// float32 path (Kernel<16, D>, keys in lanes for few rows): 1.05-1.5x at 1-4 rows, 1.0-1.8x at
-// 6-21 (python bench/roofline.py; the float32 path has no prefetch, below).
+// Measured on an AVX512-BF16 EPYC, one layer over B16 x 7752 slots, 3 KV heads, against the float32
+// path (Kernel<16, D>, keys in lanes for few rows): 1.4x at 3 rows, 1.7-2.5x at 6-21
+// (bench/results/roofline/aoti-b16-7752-prefetch.md); with group size 1, 1.05-1.4x at 1-4 rows.
 constexpr int PREFETCH_KEYS = 128;  // how far ahead of the block being computed the cache is fetched
 
 template <int D>
