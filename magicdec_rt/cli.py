@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import MagicDecError
@@ -215,7 +216,9 @@ def calibrate(engine, repeats: int = 3, show_progress: bool = True) -> None:
     from .runtime import Runtime
 
     t = time.perf_counter()
-    rt = Runtime.load(engine, show_progress=show_progress and sys.stderr.isatty())
+    with warnings.catch_warnings():  # a stale calibration is what this replaces: no need to warn of it
+        warnings.filterwarnings("ignore", message=r".*calibration\.json was measured with another", category=RuntimeWarning)
+        rt = Runtime.load(engine, show_progress=show_progress and sys.stderr.isatty())
     cal = rt.calibrate(repeats)
     path = cal.save(engine)
     m = rt.manifest

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         else:
             print(f"Speculation does not win at {batch} x {args.context} on this machine: the draft step still reads "
                   "every weight, so it only pays once the KV cache dominates a step (more rows, longer contexts; "
-                  "README: 1.4-1.6x at 16 x 7.5k on an AVX512-BF16 EPYC). With gamma='auto' the planner picks plain "
+                  "README: 1.4-1.65x at 16 x 7.5k on an AVX512-BF16 EPYC). With gamma='auto' the planner picks plain "
                   "decoding where it predicts this.")
         return 0
 

@@ -188,6 +188,10 @@ def test_a_calibration_measured_elsewhere_warns_that_it_is_stale(calibrated, tmp
                                             r"so the planner may choose badly; rerun `magicdec-calibrate --engine "):
         rt = Runtime.load(eng)
     assert rt.planner is not None  # still used: the round times it measures rescale it
+    with warnings.catch_warnings():  # recalibrating replaces it without warning of it
+        warnings.simplefilter("error")
+        assert calibrate_main(["--engine", str(eng), "--repeats", "1"]) == 0
+    assert Calibration.load(eng).changed() == []
 
 
 def test_auto_gamma_generates_what_plain_decoding_does(calibrated, tiny_runtime):
