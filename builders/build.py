@@ -26,6 +26,7 @@ from magicdec_rt.engine import (BACKENDS, DEVICES, DRAFT_POSITIONS, DTYPES, FORM
                                 draft_manifest, read_manifest)
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
+from magicdec_rt.planner import CALIBRATION_FILE
 
 from .compile import REL_ERR_BOUND, build_graph, kv_pool, reusable, sha256_file
 
@@ -167,6 +168,9 @@ def build_engine(
     # never leaves a stale engine behind (its finished graphs are still reused next time).
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
+    # Step times of the engine built here before (other gammas or buckets, other kernels) are not
+    # this one's; left behind, one that lacked a new gamma even stopped the calibration replacing it.
+    (out / CALIBRATION_FILE).unlink(missing_ok=True)
     weights = write_weights(out, config, state, dtype)
     # Tensor parallelism: one weights file per rank, so each rank reads only its slice.
     for f in out.glob("rank*.safetensors"):

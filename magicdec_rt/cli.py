@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from .errors import MagicDecError
@@ -212,14 +211,24 @@ def calibrate(engine, repeats: int = 3, show_progress: bool = True) -> None:
     (a progress bar on a terminal, unless ``show_progress`` is off)."""
     import time
 
-    from .planner import Planner
+    from .planner import CALIBRATION_FILE, Planner
     from .runtime import Runtime
 
     t = time.perf_counter()
-    with warnings.catch_warnings():  # a stale calibration is what this replaces: no need to warn of it
-        warnings.filterwarnings("ignore", message=r".*calibration\.json was measured with another", category=RuntimeWarning)
+    # The calibration this replaces is set aside while the engine loads without it: stale, unreadable
+    # or not covering the engine's gammas, it must not stop its replacement (it comes back on failure).
+    old = Path(engine) / CALIBRATION_FILE
+    kept = old.with_name(CALIBRATION_FILE + ".old")
+    if old.is_file():
+        old.replace(kept)
+    try:
         rt = Runtime.load(engine, show_progress=show_progress and sys.stderr.isatty())
-    cal = rt.calibrate(repeats)
+        cal = rt.calibrate(repeats)
+    except BaseException:
+        if kept.is_file():
+            kept.replace(old)
+        raise
+    kept.unlink(missing_ok=True)
     path = cal.save(engine)
     m = rt.manifest
     planner = Planner(cal, m.gammas, m.context_buckets)

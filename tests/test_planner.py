@@ -191,7 +191,7 @@ def test_a_calibration_measured_elsewhere_warns_that_it_is_stale(calibrated, tmp
     with warnings.catch_warnings():  # recalibrating replaces it without warning of it
         warnings.simplefilter("error")
         assert calibrate_main(["--engine", str(eng), "--repeats", "1"]) == 0
-    assert Calibration.load(eng).changed() == []
+    assert Calibration.load(eng).changed() == [] and not (eng / "calibration.json.old").exists()
 
 
 def test_auto_gamma_generates_what_plain_decoding_does(calibrated, tiny_runtime):
@@ -236,6 +236,26 @@ def test_bad_calibrations_are_clear_errors(calibrated, tmp_path):
     cal.save(eng)
     with pytest.raises(EngineError, match=r"calibration.json does not cover this engine \(no timing for gamma, bucket \[\(2, 16\)\]\)"):
         Runtime.load(eng)
+    # What the errors advise works: the calibration replaces the bad file (also an unreadable one).
+    assert calibrate_main(["--engine", str(eng), "--repeats", "1"]) == 0
+    assert Runtime.load(eng).planner is not None
+    (eng / "calibration.json").write_text("{not json")
+    assert calibrate_main(["--engine", str(eng), "--repeats", "1"]) == 0
+    assert Runtime.load(eng).planner is not None
+
+
+def test_rebuilding_an_engine_drops_the_old_engines_calibration(calibrated, tiny_hf, tmp_path):
+    """Its step times belong to the engine built there before (here: without gamma 5, which then
+    made every load, and the calibration replacing it, fail)."""
+    from builders.build import build_engine
+
+    from .conftest import TINY
+
+    eng = copy_engine(calibrated, tmp_path)
+    assert (eng / "calibration.json").is_file()
+    build_engine(eng, tiny_hf, **{**TINY, "max_gamma": 5})
+    assert not (eng / "calibration.json").exists()
+    assert Runtime.load(eng).planner is None
 
 
 def test_calibrate_cli_rejects_bad_repeats(calibrated):

@@ -74,15 +74,25 @@ VECTOR_TYPES(8)
 VECTOR_TYPES(16)
 
 // Work item w = (b, h, split): cache slots [lo, hi) = [split*chunk, min((split+1)*chunk, lengths[b]))
-// and its softmax state (max, sum, unnormalised output per query row), set to "no key seen".
+// of row-head bh = (b, h), and its softmax state (max, sum, unnormalised output per query row).
+struct Slots {
+  int64_t bh, lo, hi;
+};
+INLINE Slots slots(const Args& a, int64_t w) {
+  const int64_t bh = w / a.splits, lo = w % a.splits * a.chunk;
+  return {bh, lo, std::min(lo + a.chunk, a.len[bh / a.kv])};
+}
+
 struct Item {
   int64_t bh, lo, hi;
   float *m, *l, *acc;
 };
 
+// Item w with its state set to "no key seen".
 INLINE Item start_item(const Args& a, int64_t w) {
-  const int64_t split = w % a.splits, bh = w / a.splits, Rp = a.rows_padded, lo = split * a.chunk;
-  Item it{bh, lo, std::min(lo + a.chunk, a.len[bh / a.kv]), a.m + w * Rp, a.l + w * Rp, a.acc + w * Rp * a.d};
+  const int64_t Rp = a.rows_padded;
+  const auto [bh, lo, hi] = slots(a, w);
+  Item it{bh, lo, hi, a.m + w * Rp, a.l + w * Rp, a.acc + w * Rp * a.d};
   std::fill(it.m, it.m + Rp, -INFINITY);
   std::fill(it.l, it.l + Rp, 0.0f);
   std::fill(it.acc, it.acc + Rp * a.d, 0.0f);
@@ -442,10 +452,8 @@ struct Bf16 {
     int64_t lo, hi;
   };
   static INLINE Span span(const Args& a, int64_t w) {
-    const int64_t split = w % a.splits, bh = w / a.splits, lo = split * a.chunk;
-    const int64_t off = bh * a.S * D;
-    return {static_cast<const uint16_t*>(a.kc) + off, static_cast<const uint16_t*>(a.vc) + off, lo,
-            std::min(lo + a.chunk, a.len[bh / a.kv])};
+    const auto [bh, lo, hi] = slots(a, w);
+    return {static_cast<const uint16_t*>(a.kc) + bh * a.S * D, static_cast<const uint16_t*>(a.vc) + bh * a.S * D, lo, hi};
   }
   // The block PREFETCH_KEYS after slot s of `cur`, continuing into `next` (the thread's next item,
   // or lo == hi for none) past cur's end: a short item's first blocks are then fetched while the
