@@ -6,6 +6,7 @@ the eager parts completed; aoti-cuda builds crashed (see ``aoti_probe``). Withou
     bash bench/gpu.sh                        # everything (split it with --phase if a limit bites)
     bash bench/gpu.sh --phase exact          # eager-cuda / aoti-cuda / CUDA graphs vs the CPU float32 reference
     bash bench/gpu.sh --phase speed --backends eager --batches 16 64 --contexts 4096 8192
+    bash bench/gpu.sh --phase profile        # the CUDA kernels of one eager draft step and AR step
 
 The embedded GGUF (94 MB) is more than one command may send to those machines, so the model is a
 random-weight Llama of SmolLM2-135M's exact shape (30 layers, GQA 9/3, head dim 64, vocabulary
@@ -188,6 +189,49 @@ def speed(src: Path, work: Path, args, backend: str, B: int, acceptance: list[fl
     return rows
 
 
+def profile(src: Path, work: Path, args) -> dict:
+    """Where an eager-cuda step's time goes (the steps above cost ~4 ms even over a 260-slot draft
+    cache): the CUDA kernels one draft step and one AR step launch, without graphs, at batch 16 and
+    the first context: their number, summed GPU time, and the costliest."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from builders.build import build_engine
+    from magicdec_rt.engine import load_steps, read_manifest
+
+    B, S = 16, args.contexts[0]
+    eng = build_engine(work / "profile-eager-b16", src, backend="eager", device="cuda", dtype="bfloat16", max_batch=B,
+                       max_seq_len=S, buckets=[S], gammas=[3], default_gamma=3, show_progress=False)
+    m = read_manifest(eng)
+    steps = load_steps(eng, m)
+    kv, d, L, dev = m.model.num_kv_heads, m.model.head_dim, m.model.num_layers, torch.device("cuda")
+
+    def inputs(T, slots, length):
+        caches = [[torch.randn(B, kv, slots, d, device=dev, dtype=m.torch_dtype) for _ in range(L)] for _ in range(2)]
+        ids = torch.randint(0, m.model.vocab_size, (B, T), device=dev)
+        pos = (length + torch.arange(T, device=dev)).expand(B, T).contiguous()
+        return ids, pos, caches[0], caches[1], torch.full((B,), length, device=dev)
+
+    out = {}
+    for name, x in (("draft", inputs(1, m.draft_slots, m.draft_budget)), (f"verify0@{S}", inputs(1, S, S - 1))):
+        for _ in range(3):
+            steps(name, *x)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            steps(name, *x)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        by_name: dict[str, list] = {}
+        for e in kernels:
+            by_name.setdefault(e.name, []).append(e.device_time)
+        top = sorted(by_name.items(), key=lambda kv_: -sum(kv_[1]))[:8]
+        out[name] = {"kernels": len(kernels), "gpu_ms": round(sum(e.device_time for e in kernels) / 1e3, 3),
+                     "costliest": [{"name": n[:90], "calls": len(t), "ms": round(sum(t) / 1e3, 3)} for n, t in top]}
+        log(f"profile {name}: {len(kernels)} kernels, {out[name]['gpu_ms']} ms of GPU time; costliest "
+            + "; ".join(f"{c['name'][:40]} x{c['calls']} {c['ms']} ms" for c in out[name]["costliest"][:4]))
+    return out
+
+
 def cpu_acceptance(path: Path) -> list[float]:
     """Per-position conditional acceptance of the largest gamma in a CPU sweep (greedy)."""
     points = [p for p in json.loads(path.read_text())["points"] if p.get("temperature") == 0.0 and p.get("gamma") != "auto"
@@ -218,7 +262,7 @@ def table(rows: list[dict], gammas: list[int]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=["exact", "speed", "all"], default="all")
+    p.add_argument("--phase", choices=["exact", "speed", "profile", "all"], default="all")
     p.add_argument("--backends", nargs="+", default=["eager", "aoti"], choices=["eager", "aoti"])
     p.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
@@ -271,8 +315,10 @@ def main() -> None:
     if args.phase in ("speed", "all"):
         acceptance = cpu_acceptance(args.acceptance_from)
         report["acceptance_from_cpu"] = {"file": str(args.acceptance_from), "conditional_per_position": acceptance[:6]}
+    if args.phase in ("profile", "all"):
+        report["profile"] = part("profile: eager B16", lambda: profile(src, args.work, args))
     # Eager before aoti, so that a run cut short still reports what the cheap parts reached.
-    for backend in sorted(args.backends, key=["eager", "aoti"].index):
+    for backend in sorted(args.backends, key=["eager", "aoti"].index) if args.phase != "profile" else []:
         if backend == "aoti":
             report["aoti_probe"] = part("aoti probe", aoti_probe)
         if ref is not None:
