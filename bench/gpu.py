@@ -148,6 +148,16 @@ def step_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def step_inputs(m, B: int, T: int, slots: int, length: int):
+    """A step's inputs on the GPU for manifest ``m``: T tokens per row after ``length`` cached ones,
+    random caches of ``slots`` slots."""
+    kv, d, L, dev = m.model.num_kv_heads, m.model.head_dim, m.model.num_layers, torch.device("cuda")
+    caches = [[torch.randn(B, kv, slots, d, device=dev, dtype=m.torch_dtype) * 0.5 for _ in range(L)] for _ in range(2)]
+    ids = torch.randint(0, m.model.vocab_size, (B, T), device=dev)
+    pos = (length + torch.arange(T, device=dev)).expand(B, T).contiguous()
+    return ids, pos, caches[0], caches[1], torch.full((B,), length, device=dev)
+
+
 def speed(src: Path, work: Path, args, backend: str, B: int, acceptance: list[float]) -> list[dict]:
     """AR, draft and verify step times of one bf16 engine at batch B, per context."""
     from builders.build import build_engine
@@ -162,22 +172,13 @@ def speed(src: Path, work: Path, args, backend: str, B: int, acceptance: list[fl
     build_s = round(time.perf_counter() - t0, 1)
     m = read_manifest(eng)
     steps = GraphedSteps(load_steps(eng, m))
-    kv, d, L = m.model.num_kv_heads, m.model.head_dim, m.model.num_layers
-    dev, dt = torch.device("cuda"), m.torch_dtype
-
-    def inputs(T, slots, length):
-        caches = [[torch.randn(B, kv, slots, d, device=dev, dtype=dt) * 0.5 for _ in range(L)] for _ in range(2)]
-        ids = torch.randint(0, m.model.vocab_size, (B, T), device=dev)
-        pos = (length + torch.arange(T, device=dev)).expand(B, T).contiguous()
-        return ids, pos, caches[0], caches[1], torch.full((B,), length, device=dev)
-
-    draft_in = inputs(1, m.draft_slots, m.draft_budget)
+    draft_in = step_inputs(m, B, 1, m.draft_slots, m.draft_budget)
     draft = step_ms(lambda: steps("draft", *draft_in), args.repeats)
     rows = []
     for S in args.contexts:
         cost = {}
         for g in [0, *args.gammas]:
-            x = inputs(g + 1, S, S - g - 1)
+            x = step_inputs(m, B, g + 1, S, S - g - 1)
             cost[g] = step_ms(lambda: steps(f"verify{g}@{S}", *x), args.repeats)
         row = dict(backend=backend, batch=B, context=S, build_s=build_s, ar_ms=cost[0], draft_ms=draft,
                    verify_ms={g: cost[g] for g in args.gammas})
@@ -204,16 +205,9 @@ def profile(src: Path, work: Path, args) -> dict:
                        max_seq_len=S, buckets=[S], gammas=[3], default_gamma=3, show_progress=False)
     m = read_manifest(eng)
     steps = load_steps(eng, m)
-    kv, d, L, dev = m.model.num_kv_heads, m.model.head_dim, m.model.num_layers, torch.device("cuda")
-
-    def inputs(T, slots, length):
-        caches = [[torch.randn(B, kv, slots, d, device=dev, dtype=m.torch_dtype) for _ in range(L)] for _ in range(2)]
-        ids = torch.randint(0, m.model.vocab_size, (B, T), device=dev)
-        pos = (length + torch.arange(T, device=dev)).expand(B, T).contiguous()
-        return ids, pos, caches[0], caches[1], torch.full((B,), length, device=dev)
-
     out = {}
-    for name, x in (("draft", inputs(1, m.draft_slots, m.draft_budget)), (f"verify0@{S}", inputs(1, S, S - 1))):
+    for name, x in (("draft", step_inputs(m, B, 1, m.draft_slots, m.draft_budget)),
+                    (f"verify0@{S}", step_inputs(m, B, 1, S, S - 1))):
         for _ in range(3):
             steps(name, *x)
         torch.cuda.synchronize()
