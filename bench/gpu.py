@@ -1,5 +1,5 @@
 """Every CUDA path of magicdec-rt, checked and measured, in one script for a lent GPU machine
-(run it through ``bench/gpu.sh``). Ran once on an H200 (2026-11-25, ``bench/results/gpu/``):
+(run it through ``bench/gpu.sh``). Ran on an H200 (2026-11-25 and 26, ``bench/results/gpu/``):
 the eager parts completed; aoti-cuda builds crashed (see ``aoti_probe``). Without CUDA it refuses
 (tested in CI).
 
@@ -18,7 +18,8 @@ on the CPU with the real model (``--acceptance-from``), and says so.
 Phases: ``exact`` builds float32 engines (CPU eager = the reference; CUDA eager; CUDA aoti) at batch
 4 and compares greedy tokens for gamma 0 and 3 on 1k-token prompts, with and without CUDA graphs;
 ``speed`` times the AR, draft and verify steps (bf16, random caches, CUDA events, CUDA graphs on)
-per batch x context and predicts MagicDec's speedup per gamma. Writes ``--out`` (JSON) and prints a
+per batch x context and predicts MagicDec's speedup per gamma; ``profile`` lists the CUDA kernels
+of one eager draft step and AR step. Writes ``--out`` (JSON) and prints a
 markdown table.
 """
 
