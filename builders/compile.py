@@ -29,6 +29,7 @@ import torch
 
 import magicdec_rt
 from magicdec_rt import attention as attention_module
+from magicdec_rt import linear as linear_module
 from magicdec_rt import model as model_module
 from magicdec_rt.engine import Manifest, load_aoti_graph, step_module
 from magicdec_rt.errors import EngineError
@@ -60,9 +61,9 @@ def sha256_file(path: Path) -> str:
 
 
 def graph_key(manifest: Manifest, name: str) -> str:
-    # The step's code: the model and its attention paths (the CPU kernel itself is called by name
-    # at run time, so its changes need no rebuild).
-    model_source = Path(model_module.__file__).read_bytes() + Path(attention_module.__file__).read_bytes()
+    # The step's code: the model, its attention paths and the linear weights' packing (the CPU
+    # kernels themselves are called by name at run time, so their changes need no rebuild).
+    model_source = b"".join(Path(m.__file__).read_bytes() for m in (model_module, attention_module, linear_module))
     parts = {
         "name": name,
         "shape": manifest.step_shape(name),

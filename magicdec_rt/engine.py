@@ -58,7 +58,7 @@ class Manifest:
     graphs: dict = field(default_factory=dict)  # step name -> {"file", "key", "bytes", "rel_err"}
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
-    packed_linears: bool = False  # compiled CPU graphs call the linear kernel on packed weights
+    packed_linears: int = 0  # compiled CPU graphs call the linear kernel on weights packed in blocks of this many features (0: not)
     draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
     draft_graphs: dict = field(default_factory=dict)  # its compiled steps (``draft_step_names``), as ``graphs``
     draft_positions: str = "original"  # the draft's key positions: "original", or "cache" (StreamingLLM's)
@@ -172,7 +172,8 @@ class Manifest:
                 device=d["device"],
                 graphs=dict(d.get("graphs", {})),
                 cpu_isa=[str(x) for x in d.get("cpu_isa", [])],
-                packed_linears=bool(d.get("packed_linears", False)),
+                # true: written before the block width was recorded, when it was 64
+                packed_linears=64 if d.get("packed_linears") is True else int(d.get("packed_linears") or 0),
                 draft_model=None if d["draft"].get("model") is None else ModelConfig(**d["draft"]["model"]),
                 draft_graphs=dict(d["draft"].get("graphs") or {}),
                 draft_positions=d["draft"].get("positions", "original"),
@@ -260,6 +261,11 @@ def check_environment(directory: Path, m: Manifest) -> None:
         raise EngineError(
             f"{where} was compiled for CPUs with {', '.join(m.cpu_isa)}; this CPU ({cpu.model_name()}) lacks "
             f"{', '.join(lacking)}, so its graphs would stop on an illegal instruction: rebuild the engine here"
+        )
+    if m.backend != "eager" and m.packed_linears and m.packed_linears != linear.BLOCK:
+        raise EngineError(
+            f"{where}'s graphs read linear weights packed in blocks of {m.packed_linears} features; this "
+            f"magicdec-rt's linear kernel packs {linear.BLOCK}: rebuild the engine with magicdec-build"
         )
     if m.device == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"{where} was built for CUDA and this machine has no CUDA device; build one with --device cpu")

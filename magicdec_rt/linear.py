@@ -16,7 +16,7 @@ from torch import nn
 
 from . import attention, cpu
 
-BLOCK = 64  # output features per packed block (the kernel's tile width)
+BLOCK = 32  # output features per packed block (the kernel's NB)
 
 
 class Linear(nn.Linear):
@@ -33,7 +33,7 @@ class Linear(nn.Linear):
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [N, K]`` as the kernel reads it: ``[ceil(N/64), K/2, 64, 2]``, each block's 64
+    """``weight [N, K]`` as the kernel reads it: ``[ceil(N/BLOCK), K/2, BLOCK, 2]``, each block's
     features side by side per pair of K (zero rows pad N)."""
     N, K = weight.shape
     blocks = -(-N // BLOCK)

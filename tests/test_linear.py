@@ -4,6 +4,8 @@ it is used is tested everywhere."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from builders.build import build_engine
 from builders.export import export_step
 from magicdec_rt import Runtime, attention, cpu, linear
 from magicdec_rt.engine import load_steps, read_manifest
+from magicdec_rt.errors import EngineError
 
 from .conftest import TINY
 
@@ -21,7 +24,7 @@ needs_kernel = pytest.mark.skipif(not HERE, reason="the linear kernel runs on CP
 
 @needs_kernel
 @pytest.mark.parametrize("M,N,K", [(1, 64, 64), (16, 576, 576), (16, 192, 576), (64, 1536, 576), (7, 100, 64),
-                                   (6, 576, 1536), (130, 70, 30), (3, 1, 2)])
+                                   (6, 576, 1536), (130, 70, 30), (3, 1, 2), (13, 33, 64), (25, 96, 128)])
 def test_kernel_matches_linear(M, N, K):
     """float32 sums of exact bf16 products, rounded once: within half a bf16 ulp of the float32
     result (at most 2^-8 relative: 8 significant bits), plus float32 summation error (K * 2^-24 of
@@ -47,9 +50,9 @@ def test_leading_dims_and_non_contiguous_inputs():
 def test_packing_layout():
     w = torch.arange(70 * 6, dtype=torch.float32).view(70, 6).bfloat16()
     p = linear.pack(w)
-    assert p.shape == (2, 3, 64, 2)
-    # Block b, pair j, feature f, element e holds W[64 b + f, 2 j + e]; features past N are zero.
-    assert p[1, 2, 5, 1] == w[69, 5] and p[0, 0, 0, 0] == w[0, 0] and (p[1, :, 6:] == 0).all()
+    assert p.shape == (3, 3, 32, 2)
+    # Block b, pair j, feature f, element e holds W[32 b + f, 2 j + e]; features past N are zero.
+    assert p[2, 2, 5, 1] == w[69, 5] and p[1, 1, 3, 0] == w[35, 2] and (p[2, :, 6:] == 0).all()
 
 
 @needs_kernel
@@ -128,3 +131,11 @@ def test_an_aoti_bf16_engine_calls_the_kernel_and_matches_eager(tmp_path_factory
     pos = lengths[:, None] + torch.arange(3)
     out = [s("verify2@32", ids, pos, caches, caches, lengths)[0] for s in (compiled, eager)]
     torch.testing.assert_close(out[0], out[1], rtol=0.05, atol=0.05)
+    # An engine whose graphs were built for another packing (manifests before the block width
+    # was recorded say `true`: 64 features) is refused with what to do, not a shape error.
+    data = json.loads((engine / "manifest.json").read_text())
+    assert data["packed_linears"] == linear.BLOCK
+    data["packed_linears"] = True
+    (engine / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match=f"blocks of 64 features; this magicdec-rt's linear kernel packs {linear.BLOCK}: rebuild"):
+        load_steps(engine, read_manifest(engine))
