@@ -15,9 +15,8 @@
 // weight byte loaded serves up to 12 rows. Threads split the feature blocks.
 // Blocks of 32 features, not 64 (6-row tiles): a block (32 x 576 x 2 bytes) stays in L1 for the
 // batch's second tile, the K/V projections (192 features) split evenly over 2 threads (64-feature
-// blocks: 2 + 1), and 16 rows are 2 tiles of 8. Measured on the AVX512-BF16 EPYC, 30 layers'
-// linears from memory: M = 16 6.2-6.6 -> 4.9-5.4 ms, M = 64 15.6-16.6 -> 14.5-15.2 ms; that gain
-// left fusing q/k/v and gate/up into one call each nothing to add at M = 16 (4.88 vs 4.85 ms).
+// blocks: 2 + 1), and 16 rows are 2 tiles of 8. On the AVX512-BF16 EPYC, 30 layers' linears
+// from memory (bench/linears.py): M = 16 6.33-6.84 -> 5.24-5.44 ms, M = 64 15.9-16.2 -> 14.1-14.7 ms.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
