@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from roofline import time_ms
 from workload import measure_bandwidth
 
 from magicdec_rt import attention, cpu, linear
@@ -32,16 +32,6 @@ def layer_shapes(cfg: ModelConfig, fused: bool) -> list[tuple[int, int]]:
     if fused:
         return [((q + 2 * kv) * d, h), (h, q * d), (2 * i, h), (h, i)]
     return [(q * d, h), (kv * d, h), (kv * d, h), (h, q * d), (i, h), (i, h), (h, i)]
-
-
-def time_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> int:
