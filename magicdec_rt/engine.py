@@ -58,7 +58,7 @@ class Manifest:
     graphs: dict = field(default_factory=dict)  # step name -> {"file", "key", "bytes", "rel_err"}
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
-    packed_linears: int = 0  # compiled CPU graphs call the linear kernel on weights packed in blocks of this many features (0: not)
+    packed_linears: int = 0  # CPU graphs call the linear kernel on weights packed in blocks of this many features
     draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
     draft_graphs: dict = field(default_factory=dict)  # its compiled steps (``draft_step_names``), as ``graphs``
     draft_positions: str = "original"  # the draft's key positions: "original", or "cache" (StreamingLLM's)
