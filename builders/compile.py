@@ -48,6 +48,15 @@ AOTI_OPTIONS = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.compile_wrapper_opt_level": "O0",
 }
+
+
+def aoti_options(manifest: Manifest) -> dict:
+    """``AOTI_OPTIONS`` for this engine. Inductor decides when it compiles which of its loops run in
+    parallel and on how many threads: on a CPU, for the threads the engine runs with (a build
+    worker has only its share of them, and with 1 it generated every loop serial)."""
+    return AOTI_OPTIONS | ({"cpp.threads": manifest.cpu_threads} if manifest.cpu_threads else {})
+
+
 # Default bounds on the relative error of a compiled graph beyond twice eager's own (see above).
 REL_ERR_BOUND = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
@@ -77,7 +86,7 @@ def graph_key(manifest: Manifest, name: str) -> str:
         "world_size": manifest.world_size,
         "cpu_isa": manifest.cpu_isa,
         "versions": {k: v for k, v in manifest.versions.items() if k != "transformers"},
-        "options": AOTI_OPTIONS if manifest.backend == "aoti" else {},
+        "options": aoti_options(manifest) if manifest.backend == "aoti" else {},
         "magicdec_rt": magicdec_rt.__version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -143,8 +152,8 @@ def compile_graph(model: Transformer, manifest: Manifest, name: str, path: Path)
     ep = export_step(model, manifest, name, manifest.device)
     path.parent.mkdir(parents=True, exist_ok=True)
     if manifest.backend == "aoti":
-        # A copy: Inductor adds its own entries to the dict it is given.
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=dict(AOTI_OPTIONS))
+        # A new dict: Inductor adds its own entries to the one it is given.
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=aoti_options(manifest))
     elif manifest.backend == "tensorrt":
         from magicdec_rt import trt_backend
 

@@ -59,6 +59,7 @@ class Manifest:
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
     packed_linears: int = 0  # CPU graphs call the linear kernel on weights packed in blocks of this many features
+    cpu_threads: int = 0  # threads per process the CPU graphs' own loops were compiled for (0: none compiled)
     draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
     draft_graphs: dict = field(default_factory=dict)  # its compiled steps (``draft_step_names``), as ``graphs``
     draft_positions: str = "original"  # the draft's key positions: "original", or "cache" (StreamingLLM's)
@@ -138,6 +139,7 @@ class Manifest:
             "versions": self.versions,
             "cpu_isa": self.cpu_isa,
             "packed_linears": self.packed_linears,
+            "cpu_threads": self.cpu_threads,
             "graphs": self.graphs,
         }
 
@@ -174,6 +176,7 @@ class Manifest:
                 cpu_isa=[str(x) for x in d.get("cpu_isa", [])],
                 # true: written before the block width was recorded, when it was 64
                 packed_linears=64 if d.get("packed_linears") is True else int(d.get("packed_linears") or 0),
+                cpu_threads=int(d.get("cpu_threads") or 0),
                 draft_model=None if d["draft"].get("model") is None else ModelConfig(**d["draft"]["model"]),
                 draft_graphs=dict(d["draft"].get("graphs") or {}),
                 draft_positions=d["draft"].get("positions", "original"),

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 from builders.build import build_engine
+from builders.compile import aoti_options, graph_key
 from magicdec_rt import EngineError, Runtime, cli, cpu
 from magicdec_rt.engine import read_manifest
 
@@ -41,6 +43,11 @@ def test_manifest_records_every_graph(tiny_aoti_engine):
     assert m.versions["torch"] == torch.__version__ and len(m.model_sha256) == 64
     # The instruction sets Inductor compiled for, all of which this CPU has.
     assert m.cpu_isa == cpu.compiled_isa() and not cpu.missing(m.cpu_isa)
+    # Inductor's own loops were generated for the threads the engine runs with, not for the build
+    # workers' share of them (2 workers on 2 cores had 1 each: every loop serial).
+    assert m.cpu_threads == torch.get_num_threads()
+    assert aoti_options(m)["cpp.threads"] == m.cpu_threads
+    assert graph_key(m, "draft") != graph_key(replace(m, cpu_threads=m.cpu_threads + 1), "draft")
 
 
 @pytest.mark.parametrize("gamma", [0, 2])
