@@ -114,6 +114,16 @@ def accept_rejection(drafts, draft_probs, target_probs, u_accept, u_extra) -> tu
     return accepted, sample(residual, u_extra)
 
 
+def _index(rows: list[int], device) -> slice | torch.Tensor:
+    """How a group's rows are picked: consecutive rows (every row of a batch that shares one rule)
+    as a slice, so their logits are read in place (gathering a B16 verify's [16, 5, 49152] float32
+    logits copied 15.7 MB, ~1.3 ms a round here); other sets as an index tensor on the logits'
+    device (a captured CUDA graph cannot copy it there)."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
+
+
 class RowRules:
     """How each row of a batch samples: ``rules[b] = (params, seeded)``, or None for a row that
     holds no request (it is treated as greedy and its output ignored). Groups rows with one rule
@@ -125,8 +135,7 @@ class RowRules:
         groups: dict = {}
         for b, rule in enumerate(rules):
             groups.setdefault(rule or (SamplingParams(), False), []).append(b)
-        # Row indices live on the logits' device: a captured CUDA graph cannot copy them there.
-        self.groups = [(sp, seeded, torch.tensor(rows, device=device)) for (sp, seeded), rows in groups.items()]
+        self.groups = [(sp, seeded, _index(rows, device)) for (sp, seeded), rows in groups.items()]
         self.key = tuple((sp, seeded, tuple(rows)) for (sp, seeded), rows in groups.items())
         self.greedy = all(sp.greedy for sp, _, _ in self.groups)
 

@@ -72,10 +72,17 @@ def test_sample_is_inverse_cdf_and_never_picks_zero_mass():
 
 def test_row_rules_index_rows_on_the_logits_device():
     """Group row indices are built on the device given (a captured CUDA draft round cannot copy
-    them from the CPU); the graph key is plain data, read without touching the device."""
-    rules = RowRules([None, (SamplingParams(temperature=0.7), True), None], "meta")
+    them from the CPU), and consecutive rows are a slice (their logits read in place, not copied);
+    the graph key is plain data, read without touching the device."""
+    rules = RowRules([None, (SamplingParams(temperature=0.7), True), None, (SamplingParams(temperature=0.7), True)],
+                     "meta")
     assert [rows.device.type for _, _, rows in rules.groups] == ["meta", "meta"]
-    assert rules.key == ((SamplingParams(), False, (0, 2)), (SamplingParams(temperature=0.7), True, (1,)))
+    assert rules.key == ((SamplingParams(), False, (0, 2)), (SamplingParams(temperature=0.7), True, (1, 3)))
+    assert [rows for _, _, rows in RowRules([None, None, (SamplingParams(0.5), False)]).groups] == [slice(0, 2),
+                                                                                                    slice(2, 3)]
+    logits = torch.randn(3, 1, 8)
+    target = RowRules([None] * 3).groups[0][2]
+    assert logits[target].data_ptr() == logits.data_ptr()  # a view: no gather
 
 
 def test_greedy_accept_keeps_the_agreeing_prefix():
