@@ -115,9 +115,12 @@ class Attention(nn.Module):
         # SDPA kernel on 256-token chunks of a 4k prompt, measured). Elsewhere long blocks
         # (prefill) use fused SDPA and short ones (decode, draft, verify) batched GEMMs.
         if attention.use_kernel(q):
+            # The kernel computes in float32; the casts are written here, not left to the op, so a
+            # compiled graph fuses them into the kernels that make q/k/v and read the output.
             o = torch.ops.magicdec.attention(
-                q.reshape(B, kv, group * T, d), cache_k, cache_v, lengths, k.contiguous(), v.contiguous(), d**-0.5
-            ).view(B, kv, group, T, d)
+                q.reshape(B, kv, group * T, d).float(), cache_k, cache_v, lengths, k.float().contiguous(),
+                v.float().contiguous(), d**-0.5
+            ).to(q.dtype).view(B, kv, group, T, d)
         elif T >= SDPA_MIN_BLOCK:
             o = self._attend_fused(q, k, v, cache_k.to(q.dtype), cache_v.to(q.dtype), cache_bias, causal_bias)
         else:
