@@ -224,7 +224,7 @@ def build_engine(
         # CPU graphs need what Inductor compiled for, and AVX512-BF16 where they call the linear kernel.
         cpu_isa=sorted(set(cpu.compiled_isa()) | ({"avx512_bf16"} if packed else set())) if compiled_cpu else [],
         packed_linears=linear.BLOCK if packed else 0,
-        cpu_threads=max(1, torch.get_num_threads() // world_size) if compiled_cpu else 0,
+        cpu_threads=torch.get_num_threads() if compiled_cpu else 0,
         draft_model=None if drafter is None else ModelConfig.from_hf(drafter[0]),
         draft_positions=draft_positions,
     )

@@ -59,7 +59,7 @@ class Manifest:
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
     packed_linears: int = 0  # CPU graphs call the linear kernel on weights packed in blocks of this many features
-    cpu_threads: int = 0  # threads per process the CPU graphs' own loops were compiled for (0: none compiled)
+    cpu_threads: int = 0  # threads the CPU graphs' own loops were compiled for (0: no compiled CPU graphs)
     draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
     draft_graphs: dict = field(default_factory=dict)  # its compiled steps (``draft_step_names``), as ``graphs``
     draft_positions: str = "original"  # the draft's key positions: "original", or "cache" (StreamingLLM's)
