@@ -361,7 +361,8 @@ class EngineCore:
             self.draft_full.write_rows(spans, self.draft.k, self.draft.v, [bases[b] for b, _, _ in spans])
         if self.speculate:
             for b, start, n in spans:
-                self._behind[b] = (self._behind.pop(b, (start,))[0], start + n)
+                first = self._behind.get(b, (start, start))[0]
+                self._behind[b] = (first, start + n)
             if g:  # the next round most likely drafts too
                 self._catch_up()
         for b, start, n in spans:

@@ -117,8 +117,8 @@ def accept_rejection(drafts, draft_probs, target_probs, u_accept, u_extra) -> tu
 def _index(rows: list[int], device) -> slice | torch.Tensor:
     """How a group's rows are picked: consecutive rows (every row of a batch that shares one rule)
     as a slice, so their logits are read in place (gathering a B16 verify's [16, 5, 49152] float32
-    logits copied 15.7 MB, ~1.3 ms a round here); other sets as an index tensor on the logits'
-    device (a captured CUDA graph cannot copy it there)."""
+    logits copied 15.7 MB: the greedy accept took 1.60 ms with the gather, 1.08 without); other sets
+    as an index tensor on the logits' device (a captured CUDA graph cannot copy it there)."""
     if rows == list(range(rows[0], rows[-1] + 1)):
         return slice(rows[0], rows[-1] + 1)
     return torch.tensor(rows, device=device)
