@@ -17,6 +17,7 @@ covering its live rows, so a step reads what the context needs, not what the eng
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -265,6 +266,13 @@ def check_environment(directory: Path, m: Manifest) -> None:
             f"{where} was compiled for CPUs with {', '.join(m.cpu_isa)}; this CPU ({cpu.model_name()}) lacks "
             f"{', '.join(lacking)}, so its graphs would stop on an illegal instruction: rebuild the engine here"
         )
+    threads = torch.get_num_threads()
+    if m.backend == "aoti" and m.device == "cpu" and m.cpu_threads != threads:
+        # Inductor fixed its loops' thread count at compile time (engines before cpu_threads: 1).
+        built = m.cpu_threads or 1
+        warnings.warn(f"{where}'s graphs were compiled for {built} thread{'s' * (built > 1)} and this process runs "
+                      f"{threads}: their own loops (norms, RoPE, SiLU) use {built}; rebuild the engine with "
+                      f"magicdec-build in a process with the threads it will run with", RuntimeWarning, stacklevel=3)
     if m.backend != "eager" and m.packed_linears and m.packed_linears != linear.BLOCK:
         raise EngineError(
             f"{where}'s graphs read linear weights packed in blocks of {m.packed_linears} features; this "

@@ -123,6 +123,24 @@ def test_incompatible_compiled_engine(aoti_copy, edit, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("edit, built", [
+    (lambda d: d.update(cpu_threads=torch.get_num_threads() + 1), torch.get_num_threads() + 1),
+    pytest.param(lambda d: d.pop("cpu_threads"), 1,  # built before the field: Inductor's loops serial
+                 marks=pytest.mark.skipif(torch.get_num_threads() == 1, reason="runs 1 thread")),
+], ids=["other-count", "before-the-field"])
+def test_an_engine_compiled_for_other_threads_warns(aoti_copy, edit, built):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime.load(aoti_copy)  # built here, for the threads this process runs
+    edit_manifest(aoti_copy, edit)
+    n = torch.get_num_threads()
+    with pytest.warns(RuntimeWarning, match=rf"graphs were compiled for {built} threads? and this process runs {n}: "
+                                            rf"their own loops \(norms, RoPE, SiLU\) use {built}; rebuild the engine"):
+        Runtime.load(aoti_copy)
+
+
 def test_missing_graph_file(aoti_copy):
     os.remove(aoti_copy / "graphs" / "verify2@32.pt2")
     with pytest.raises(EngineError, match=r"is missing graphs/verify2@32.pt2 \(step verify2@32\); rebuild it"):
