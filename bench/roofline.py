@@ -10,7 +10,8 @@ engine's steps (compiled graphs for ``aoti``) at its batch and largest bucket, o
 batch x context point: the AR step (T=1 over the context), the draft step (T=1 over the draft
 cache's slots), the verify steps (T=gamma+1 over the context) and a prefill chunk (one row, 256
 tokens). Each step's floor is max(bytes / bandwidth, FLOPs / matmul peak of the dtype)
-(``workload.StepCost``); the table gives the measured time against it. A second table times the
+(``workload.StepCost``; a draft step with int8 weights, ``linear.py``, reads one byte per weight);
+the table gives the measured time against it. A second table times the
 attention op of one layer (``torch.ops.magicdec.attention``, per kernel ISA) against PyTorch's
 flash kernel over the same cache. Prints markdown; writes ``--out`` (JSON) and ``.md`` beside it.
 """
@@ -30,8 +31,8 @@ from workload import ROOT, StepCost, measure_bandwidth, measure_matmul
 
 from magicdec_rt import attention, cpu
 from magicdec_rt.checkpoint import build_model, embedded_model_path, load_source
-from magicdec_rt.linear import pack_linears
-from magicdec_rt.model import DecodeStep, PrefillStep
+from magicdec_rt.engine import step_module
+from magicdec_rt.linear import pack_linears, quantize_linears
 
 
 
@@ -62,8 +63,8 @@ def step_caller(model, engine):
     """``call(name, *inputs)``: the model's eager modules, or an engine's steps (its compiled graphs)."""
     if engine is not None:
         return engine
-    modules = {"prefill": PrefillStep(model), "decode": DecodeStep(model)}
-    return lambda name, *inputs: modules["prefill" if name.startswith("prefill") else "decode"](*inputs)
+    modules = {}
+    return lambda name, *inputs: modules.setdefault(name, step_module(model, name))(*inputs)
 
 
 def steps(call, model, cost, args, batch: int, context: int, bw: float, peak: float) -> list[dict]:
@@ -88,9 +89,10 @@ def steps(call, model, cost, args, batch: int, context: int, bw: float, peak: fl
     rows = []
     for name, T, n, slots, fn in runs:
         ms = time_ms(fn, args.repeats)
-        floor_s, bound = cost.floor_s(n, T, slots, bw, peak)
+        c = args.draft_cost if name == "draft" else cost
+        floor_s, bound = c.floor_s(n, T, slots, bw, peak)
         rows.append(dict(batch=batch, context=context, step=name, tokens=T, rows=n, slots=slots,
-                         bytes=cost.bytes(n, slots), flops=cost.flops(n, T, slots), bound=bound,
+                         bytes=c.bytes(n, slots), flops=c.flops(n, T, slots), bound=bound,
                          roofline_ms=1e3 * floor_s, measured_ms=ms, measured_over_roofline=ms / (1e3 * floor_s),
                          pct_of_roofline=100 * 1e3 * floor_s / ms))
         print(f"  {batch}x{context} {name}: {ms:.2f} ms", file=sys.stderr)
@@ -184,13 +186,16 @@ def main() -> None:
     bw = measure_bandwidth()
     peaks = {name: measure_matmul(getattr(torch, name)) for name in ("float32", "bfloat16")}
     if engine is not None:
-        model = engine.model
+        model, draft_int8 = engine.model, m.draft_int8
     else:
         config, state, _, _ = load_source(args.model or embedded_model_path())
         model = build_model(config, state, args.torch_dtype)
-        pack_linears(model)  # as an engine loads it
+        draft_int8 = quantize_linears(model)  # as an engine loads it (--draft-weights auto)
+        pack_linears(model)
     call = step_caller(model, engine)
     cost = StepCost(model.cfg, args.torch_dtype.itemsize, args.kv_torch_dtype.itemsize)
+    # The draft step's floor counts its weights as it reads them (int8: one byte each).
+    args.draft_cost = StepCost(model.cfg, 1, args.kv_torch_dtype.itemsize) if draft_int8 else cost
     report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), dtype=args.dtype,
                   kv_dtype=args.kv_dtype or args.dtype,
                   backend=engine.backend if engine else "eager",

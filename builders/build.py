@@ -22,7 +22,7 @@ import magicdec_rt
 from magicdec_rt import cpu, linear
 from magicdec_rt.checkpoint import embedded_model_path, load_model_dir, load_source, rank_file, rank_weights
 from magicdec_rt.cli import OneLineErrors, ShowDefaults, run_cli
-from magicdec_rt.engine import (BACKENDS, DEVICES, DRAFT_POSITIONS, DTYPES, FORMAT_VERSION, Manifest, default_buckets,
+from magicdec_rt.engine import (BACKENDS, DEVICES, DRAFT_POSITIONS, DRAFT_WEIGHTS, DTYPES, FORMAT_VERSION, Manifest, default_buckets,
                                 draft_manifest, read_manifest)
 from magicdec_rt.errors import EngineError
 from magicdec_rt.model import ModelConfig
@@ -123,6 +123,7 @@ def build_engine(
     calibrate: bool = False,
     draft_model: str | Path | None = None,
     draft_positions: str = "original",
+    draft_weights: str = "auto",
 ) -> Path:
     """Build an engine directory and return its path. ``dtype="auto"`` picks bfloat16 where the CPU
     multiplies it natively (AMX, AVX-512-BF16) or on CUDA, float32 elsewhere. ``kv_dtype`` is the
@@ -132,7 +133,10 @@ def build_engine(
     steps here for the gamma planner (``magicdec-calibrate``). ``draft_model`` (HF directory or
     .gguf) drafts instead of the target over its sparse cache: it must share the target's
     tokenizer; one process; compiled like the target. ``draft_positions``: the draft's keys at their
-    original positions, or at StreamingLLM's positions inside its cache (``"cache"``)."""
+    original positions, or at StreamingLLM's positions inside its cache (``"cache"``).
+    ``draft_weights``: the draft step's linear weights, ``"int8"`` (``linear.py``; CPUs with
+    AVX512-VNNI, and AVX512-BF16 for bf16 engines), ``"target"`` (the engine's own) or ``"auto"``
+    (int8 where it can run)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
     if dtype == "auto":
         dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"
@@ -147,6 +151,13 @@ def build_engine(
         raise EngineError(f"draft_positions {draft_positions!r} is not supported; choose one of {', '.join(DRAFT_POSITIONS)}")
     if draft_model is not None and world_size > 1:
         raise EngineError(f"--draft-model runs on one process only: got world_size {world_size}")
+    if draft_weights not in DRAFT_WEIGHTS:
+        raise EngineError(f"draft_weights {draft_weights!r} is not supported; choose one of {', '.join(DRAFT_WEIGHTS)}")
+    int8_here = linear.int8_wanted(DTYPES[dtype], device)
+    if draft_weights == "int8" and not int8_here:
+        raise EngineError(f"draft_weights int8 needs a CPU with AVX512-VNNI (and AVX512-BF16 for a bfloat16 engine) "
+                          f"and no AMX; this is {dtype} on {device} ({cpu.model_name()}): use --draft-weights target")
+    draft_int8 = draft_weights == "int8" or (draft_weights == "auto" and int8_here)
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file() and not (out / "graphs").is_dir():
@@ -222,11 +233,13 @@ def build_engine(
         world_size=world_size,
         versions=versions,
         # CPU graphs need what Inductor compiled for, and AVX512-BF16 where they call the linear kernel.
-        cpu_isa=sorted(set(cpu.compiled_isa()) | ({"avx512_bf16"} if packed else set())) if compiled_cpu else [],
+        cpu_isa=sorted(set(cpu.compiled_isa()) | ({"avx512_bf16"} if packed else set())
+                       | ({"avx512_vnni"} if draft_int8 else set())) if compiled_cpu else [],
         packed_linears=linear.BLOCK if packed else 0,
         cpu_threads=torch.get_num_threads() if compiled_cpu else 0,
         draft_model=None if drafter is None else ModelConfig.from_hf(drafter[0]),
         draft_positions=draft_positions,
+        draft_int8=draft_int8,
     )
     graphs, draft_graphs = {}, {}
     if backend != "eager":
@@ -280,7 +293,8 @@ def build_like(engine: str | Path, out_dir: str | Path, **overrides) -> Path:
                     max_seq_len=m.max_seq_len, gammas=m.gammas, default_gamma=m.default_gamma,
                     draft_sinks=m.draft_sinks, draft_budget=m.draft_budget, prefill_chunk=m.prefill_chunk,
                     buckets=m.context_buckets[:-1], world_size=m.world_size, draft_positions=m.draft_positions,
-                    draft_model=engine / "draft" if m.draft_model else None, show_progress=False)
+                    draft_model=engine / "draft" if m.draft_model else None,
+                    draft_weights="int8" if m.draft_int8 else "target", show_progress=False)
     return build_engine(out_dir, engine, **(settings | overrides))
 
 
@@ -307,7 +321,9 @@ def _worker_init(out: Path, manifest: Manifest, threads: int) -> None:
     torch.set_num_threads(threads)
     model = load_model_dir(out, manifest.torch_dtype).to(manifest.device)
     reference = model if manifest.dtype == "float32" else load_model_dir(out, torch.float32).to(manifest.device)
-    if manifest.packed_linears:  # as the engine's Steps will load it
+    if manifest.draft_int8:  # as the engine's Steps will load it
+        linear.quantize_linears(model)
+    if manifest.packed_linears:
         linear.pack_linears(model)
     _worker.update(out=out, manifest=manifest, model=model, reference=reference, pool=kv_pool(model, manifest))
 
@@ -377,6 +393,9 @@ def main(argv=None) -> int:
     p.add_argument("--draft-positions", default="original", choices=["original", "cache"],
                    help="the draft's key positions: original, or StreamingLLM's inside the draft cache (the kept "
                    "tokens before the recent ring moved up to just before it)")
+    p.add_argument("--draft-weights", default="auto", choices=list(DRAFT_WEIGHTS),
+                   help="the draft step's linear weights: int8 (CPUs with AVX512-VNNI, and AVX512-BF16 for bf16: "
+                   "1 byte per weight; the verify keeps the model's), target (the engine's own), auto (int8 where it can run)")
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
     p.add_argument("--max-rel-err", type=float, default=None,
@@ -409,6 +428,7 @@ def main(argv=None) -> int:
             world_size=args.world_size,
             draft_model=args.draft_model,
             draft_positions=args.draft_positions,
+            draft_weights=args.draft_weights,
             show_progress=not args.quiet,
             # Only where the engine can run here as one process.
             calibrate=not args.no_calibrate and args.world_size == 1 and (args.device == "cpu" or torch.cuda.is_available()),

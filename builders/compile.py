@@ -85,6 +85,7 @@ def graph_key(manifest: Manifest, name: str) -> str:
         "device": manifest.device,
         "world_size": manifest.world_size,
         "cpu_isa": manifest.cpu_isa,
+        "draft_int8": manifest.draft_int8 and name == "draft",
         "versions": {k: v for k, v in manifest.versions.items() if k != "transformers"},
         "options": aoti_options(manifest) if manifest.backend == "aoti" else {},
         "magicdec_rt": magicdec_rt.__version__,

@@ -34,6 +34,7 @@ FORMAT_VERSION = 2
 BACKENDS = ("eager", "aoti", "tensorrt")
 DEVICES = ("cpu", "cuda")
 DRAFT_POSITIONS = ("original", "cache")
+DRAFT_WEIGHTS = ("auto", "int8", "target")  # magicdec-build --draft-weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +65,7 @@ class Manifest:
     draft_model: ModelConfig | None = None  # a standalone draft model in ``draft/`` (None: self-speculation)
     draft_graphs: dict = field(default_factory=dict)  # its compiled steps (``draft_step_names``), as ``graphs``
     draft_positions: str = "original"  # the draft's key positions: "original", or "cache" (StreamingLLM's)
+    draft_int8: bool = False  # the draft step runs int8 copies of the linear weights (linear.quantize_linears)
 
     def __post_init__(self):
         if not self.kv_dtype:
@@ -130,6 +132,7 @@ class Manifest:
                 "sinks": self.draft_sinks,
                 "budget": self.draft_budget,
                 "positions": self.draft_positions,
+                "weights": "int8" if self.draft_int8 else "target",
                 "model": None if self.draft_model is None else self.draft_model.to_dict(),
                 "graphs": self.draft_graphs,
             },
@@ -181,6 +184,7 @@ class Manifest:
                 draft_model=None if d["draft"].get("model") is None else ModelConfig(**d["draft"]["model"]),
                 draft_graphs=dict(d["draft"].get("graphs") or {}),
                 draft_positions=d["draft"].get("positions", "original"),
+                draft_int8=d["draft"].get("weights") == "int8",
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the engine") from None
@@ -297,7 +301,8 @@ def graph_inputs(inputs) -> list[torch.Tensor]:
 
 
 def step_module(model, name: str) -> torch.nn.Module:
-    return PrefillStep(model) if name.startswith("prefill") else DecodeStep(model)
+    """The module of step ``name``: the draft step reads the model's int8 weights where it holds them."""
+    return PrefillStep(model) if name.startswith("prefill") else DecodeStep(model, int8=name == "draft")
 
 
 def load_aoti_graph(path: Path, module: torch.nn.Module):
@@ -338,10 +343,12 @@ class Steps:
             raise EngineError(f"engine {str(directory)!r}: config.json does not match the manifest's model; rebuild it")
         self.device = torch.device(manifest.device)
         self.model.to(self.device)
+        if manifest.draft_int8:  # eager: where this CPU can run them (aoti: the manifest's cpu_isa said so)
+            linear.quantize_linears(self.model)
         if manifest.backend == "eager" or manifest.packed_linears:  # compiled graphs take the weights they were built with
             linear.pack_linears(self.model)
         self.backend = manifest.backend
-        self._modules = {kind: step_module(self.model, kind) for kind in ("prefill", "decode")}
+        self._modules = {kind: step_module(self.model, kind) for kind in ("prefill", "draft", "verify")}
         # SnapKV's observation runs once per long prompt: eager on every backend.
         self._observe = ObserveStep(self.model)
         self._graphs = {}
@@ -358,7 +365,8 @@ class Steps:
                 self._graphs[name] = trt_backend.load(path)
 
     def _module(self, name: str) -> torch.nn.Module:
-        return self._modules["prefill" if name.startswith("prefill") else "decode"]  # as step_module decides
+        kind = name.partition("@")[0]  # as step_module decides
+        return self._modules["prefill" if kind == "prefill" else "draft" if kind == "draft" else "verify"]
 
     @torch.inference_mode()
     def __call__(self, name: str, *inputs):

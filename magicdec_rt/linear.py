@@ -1,11 +1,20 @@
-"""The model's linear layers on CPUs with AVX512-BF16: ``torch.ops.magicdec.linear``
-(``csrc/linear.cpp``, built with the attention kernel) over weights packed once at load.
+"""The model's linear layers on CPUs with AVX512-BF16: ``torch.ops.magicdec.linear`` over bf16
+weights packed once at load, and ``torch.ops.magicdec.linear_q8`` over int8 copies of them that only
+the draft step reads (``csrc/linear.cpp``, built with the attention kernel).
 
-The specification is ``torch.nn.functional.linear``. Decoding multiplies few rows (the batch, times
-gamma + 1 in a verify) by every weight, where oneDNN's bf16 GEMM ran at 20-25 GB/s of weights on
-the AVX512-BF16 EPYC and the kernel at ~2x that (``bench/roofline.py`` times the steps). Used where
-the engine runs bf16 on such a CPU without AMX (where oneDNN has tiles and was not compared);
-``torch.export`` records the op and AOTInductor graphs call it, like the attention op.
+The specifications are ``torch.nn.functional.linear`` and ``q8_reference``. Decoding multiplies few
+rows (the batch, times gamma + 1 in a verify) by every weight, where oneDNN's bf16 GEMM ran at
+20-25 GB/s of weights on the AVX512-BF16 EPYC and the kernel at ~2x that (``bench/roofline.py``
+times the steps). Used where the engine runs bf16 on such a CPU without AMX (where oneDNN has tiles
+and was not compared); ``torch.export`` records the ops and AOTInductor graphs call them, like the
+attention op.
+
+Why int8 drafts: a draft step at batch 16 reads every weight for 16 rows, about as long in reads as
+in ``vdpbf16ps`` work, and its proposals only need to be likely, not exact (the verify step, in the
+target's weights, decides every token). Weights quantized per output feature and activations per
+row halve the bytes and the instructions (``vpdpbusd``): 30 layers' linears plus the LM head at 16
+rows took 4.65 ms against 7.64 in bf16 (``bench/linears.py``), and SnapKV drafts' acceptance did not
+drop (README, CPU kernels).
 """
 
 from __future__ import annotations
@@ -20,16 +29,29 @@ BLOCK = 32  # output features per packed block (the kernel's NB)
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias whose weight may also be held packed for the CPU kernel."""
+    """``nn.Linear`` without bias whose weight may also be held packed for the CPU kernel, and in
+    int8 for the draft step."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("q8", None, persistent=False)  # pack_q8's three tensors
+        self.register_buffer("q8_scale", None, persistent=False)
+        self.register_buffer("q8_wsum", None, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+        """``int8``: the draft step's weights, where this layer holds them (else the layer's own)."""
+        if int8 and self.q8 is not None:
+            return torch.ops.magicdec.linear_q8(x, self.q8, self.q8_scale, self.q8_wsum, self.out_features)
         if self.packed is not None:
             return torch.ops.magicdec.linear(x, self.packed, self.out_features)
         return F.linear(x, self.weight)
+
+    def full_weight(self) -> torch.Tensor:
+        """The weight ``[N, K]``, from the packed copy when that replaced it."""
+        if self.weight.numel() or self.packed is None:
+            return self.weight.detach()
+        return self.packed.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -42,6 +64,43 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return w.view(blocks, BLOCK, K // 2, 2).transpose(1, 2).contiguous()
 
 
+def _to_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` symmetric int8: ``q = round_half_even(x * (127 / amax))`` (float32) and the
+    rows' scales ``amax / 127`` (a zero row: q 0, scale 0)."""
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    # A tensor numerator: `127 / amax` would multiply by amax's reciprocal, rounding differently.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    return (x * inv).round().clamp(-127, 127).to(torch.int8), amax / 127
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [N, K]`` in int8 per output feature: ``(w8 [N, K] int8, scale [N] float32)``."""
+    w8, scale = _to_int8(weight)
+    return w8, scale[:, 0]
+
+
+def pack_q8(w8: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize``'s output as ``linear_q8`` reads it: the weights ``[ceil(N/BLOCK), K/4, BLOCK, 4]``
+    (each block's features side by side per quad of K), the scales and each feature's sum of
+    weights (the kernel's activations are unsigned, q + 128), both padded to whole blocks."""
+    N, K = w8.shape
+    blocks = -(-N // BLOCK)
+    w = torch.zeros(blocks * BLOCK, K, dtype=torch.int8)
+    w[:N] = w8
+    padded = lambda t: torch.cat((t, t.new_zeros(blocks * BLOCK - N)))  # noqa: E731
+    return (w.view(blocks, BLOCK, K // 4, 4).transpose(1, 2).contiguous(), padded(scale.float()),
+            padded(w8.sum(1, dtype=torch.int32)))
+
+
+def q8_reference(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What ``linear_q8`` computes: ``x`` quantized per row, exact integer dot products, then
+    ``(float32(sum) * x_scale) * scale``, in ``x``'s dtype."""
+    xq, x_scale = _to_int8(x)
+    sums = (xq.double() @ w8.double().T).to(torch.int64)  # exact: |sum| < 2^53
+    return ((sums.float() * x_scale) * scale).to(x.dtype)
+
+
 def wanted(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether a model of ``dtype`` on ``device`` runs its linears with the kernel here."""
     f = cpu.flags()
@@ -49,11 +108,24 @@ def wanted(dtype: torch.dtype, device: torch.device | str) -> bool:
             and "amx_bf16" not in f and attention.kernel_available())
 
 
+def int8_wanted(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the draft step of such a model runs int8 linears here: ``linear_q8`` needs AVX512-VNNI
+    (and AVX512-BF16 for a bf16 model). Not on AMX CPUs, where it was not measured against oneDNN."""
+    f = cpu.flags()
+    return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and {"avx512bw", "avx512vl", "avx512_vnni"} <= f and (dtype == torch.float32 or "avx512_bf16" in f)
+            and "amx_bf16" not in f and attention.kernel_available())
+
+
+def _linears(model: nn.Module, multiple: int) -> list[Linear]:
+    return [m for m in model.modules() if isinstance(m, Linear) and m.in_features % multiple == 0]
+
+
 def pack_linears(model: nn.Module) -> bool:
     """Pack every ``Linear`` of ``model`` not packed yet for the kernel where ``wanted``; returns
     whether it packed any. A weight no other module shares is then dropped (the packed copy
     replaces it); the LM head's, tied to the embedding, stays."""
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m.in_features % 2 == 0 and m.packed is None]
+    layers = [m for m in _linears(model, 2) if m.packed is None]
     if not layers or not wanted(layers[0].weight.dtype, layers[0].weight.device):
         return False
     shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
@@ -61,4 +133,16 @@ def pack_linears(model: nn.Module) -> bool:
         m.packed = pack(m.weight.detach())
         if id(m.weight) not in shared:
             m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
+    return True
+
+
+def quantize_linears(model: nn.Module) -> bool:
+    """Give every ``Linear`` of ``model`` its int8 copy for the draft step, where ``int8_wanted``;
+    returns whether it did."""
+    layers = [m for m in _linears(model, 4) if m.q8 is None]
+    dtype = next(model.parameters()).dtype
+    if not layers or not int8_wanted(dtype, next(model.parameters()).device):
+        return False
+    for m in layers:
+        m.q8, m.q8_scale, m.q8_wsum = pack_q8(*quantize(m.full_weight()))
     return True

@@ -9,8 +9,9 @@ block. Nothing is written: the step returns the K/V of its ``T`` tokens and the 
 where they go (full cache, sparse draft cache, or nowhere if rejected).
 
 The same function at different static shapes is the prefill chunk (``T = chunk`` over the full
-cache), the draft step (``T = 1`` over the sparse draft cache) and the verify step
-(``T = gamma + 1`` over the full cache).
+cache), the draft step (``T = 1`` over the sparse draft cache, with int8 copies of the linear
+weights where ``linear.quantize_linears`` made them) and the verify step (``T = gamma + 1`` over the
+full cache).
 """
 
 from __future__ import annotations
@@ -94,12 +95,12 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv * d)
         self.o_proj = Linear(h * d, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias, scores=None):
+    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias, scores=None, int8=False):
         B, T, _ = x.shape
         kv, d, group = self.kv, self.d, self.group
-        q = self.q_proj(x).view(B, T, kv, group, d).permute(0, 2, 3, 1, 4)  # [B,kv,G,T,d]
-        k = self.k_proj(x).view(B, T, kv, d).transpose(1, 2)  # [B,kv,T,d]
-        v = self.v_proj(x).view(B, T, kv, d).transpose(1, 2)
+        q = self.q_proj(x, int8).view(B, T, kv, group, d).permute(0, 2, 3, 1, 4)  # [B,kv,G,T,d]
+        k = self.k_proj(x, int8).view(B, T, kv, d).transpose(1, 2)  # [B,kv,T,d]
+        v = self.v_proj(x, int8).view(B, T, kv, d).transpose(1, 2)
         q = q * cos[:, None, None] + rotate_half(q) * sin[:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if cache_k.dtype != k.dtype:
@@ -128,7 +129,7 @@ class Attention(nn.Module):
                 q.reshape(B, kv, group * T, d), k, v, cache_k.to(q.dtype), cache_v.to(q.dtype), cache_bias, causal_bias
             ).view(B, kv, group, T, d)
         o = o.permute(0, 3, 1, 2, 4).reshape(B, T, kv * group * d)  # [B,kv,G,T,d] -> [B,T,heads*d]
-        return self.shard.all_reduce(self.o_proj(o)), k, v
+        return self.shard.all_reduce(self.o_proj(o, int8)), k, v
 
     @staticmethod
     def _attend_fused(q, k, v, cache_k, cache_v, cache_bias, causal_bias):
@@ -156,8 +157,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, i1 - i0)
         self.down_proj = Linear(i1 - i0, cfg.hidden_size)
 
-    def forward(self, x):
-        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+    def forward(self, x, int8=False):
+        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x, int8)) * self.up_proj(x, int8), int8))
 
 
 class DecoderLayer(nn.Module):
@@ -168,11 +169,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias, scores=None):
+    def forward(self, x, cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias, scores=None, int8=False):
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, lengths, cache_bias, causal_bias,
-                                 scores)
+                                 scores, int8)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        return x + self.mlp(self.post_attention_layernorm(x), int8), k, v
 
 
 class Transformer(nn.Module):
@@ -198,12 +199,13 @@ class Transformer(nn.Module):
         """KV heads held here: the width of this rank's caches."""
         return self.layers[0].self_attn.kv
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.shard.gather_vocab(self.lm_head(h), self.cfg.vocab_size).float()
+    def logits(self, h: torch.Tensor, int8: bool = False) -> torch.Tensor:
+        return self.shard.gather_vocab(self.lm_head(h, int8), self.cfg.vocab_size).float()
 
-    def hidden(self, tokens, positions, cache_k, cache_v, lengths, scores=None):
+    def hidden(self, tokens, positions, cache_k, cache_v, lengths, scores=None, int8=False):
         """Final-norm hidden states [B,T,H] and the new K/V [layers,B,kv,T,d] of the block; with a
-        list ``scores``, each layer also appends its ``attention.window_scores``."""
+        list ``scores``, each layer also appends its ``attention.window_scores``; ``int8``: the
+        linears use their int8 weights where they hold them (``linear.quantize_linears``)."""
         T = tokens.shape[1]
         S = cache_k[0].shape[2]
         x = self.embed_tokens(tokens)
@@ -220,7 +222,7 @@ class Transformer(nn.Module):
         causal_bias = torch.where(idx[None, :] <= idx[:, None], zero, neg)  # [T,T]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], lengths, cache_bias, causal_bias, scores)
+            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], lengths, cache_bias, causal_bias, scores, int8)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), torch.stack(new_k), torch.stack(new_v)
@@ -228,15 +230,16 @@ class Transformer(nn.Module):
 
 class DecodeStep(nn.Module):
     """Draft step (T=1 over the draft cache) and verify step (T=gamma+1 over the full cache):
-    logits for every token of the block."""
+    logits for every token of the block. ``int8``: the draft step's weights (``linear.py``: its
+    proposals need only be likely; the verify, in the model's own weights, decides)."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, int8: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.int8 = model, int8
 
     def forward(self, tokens, positions, cache_k, cache_v, lengths):
-        h, k, v = self.model.hidden(tokens, positions, cache_k, cache_v, lengths)
-        return self.model.logits(h), k, v
+        h, k, v = self.model.hidden(tokens, positions, cache_k, cache_v, lengths, int8=self.int8)
+        return self.model.logits(h, self.int8), k, v
 
 
 class PrefillStep(nn.Module):

@@ -17,6 +17,7 @@ from magicdec_rt.engine import load_steps, read_manifest
 from magicdec_rt.errors import EngineError
 
 from .conftest import TINY
+from .test_runtime import MIXED
 
 HERE = linear.wanted(torch.bfloat16, "cpu")
 needs_kernel = pytest.mark.skipif(not HERE, reason="the linear kernel runs on CPUs with AVX512-BF16 (no AMX)")
@@ -60,7 +61,7 @@ def test_bad_inputs_are_refused():
     w = linear.pack(torch.randn(64, 8).bfloat16())
     with pytest.raises(RuntimeError, match="must be bfloat16"):
         torch.ops.magicdec.linear(torch.randn(2, 8), w, 64)
-    with pytest.raises(RuntimeError, match="K even"):
+    with pytest.raises(RuntimeError, match="K a multiple of 2"):
         torch.ops.magicdec.linear(torch.randn(2, 7).bfloat16(), w, 64)
     with pytest.raises(RuntimeError, match="do not hold 65 features of K = 8"):
         torch.ops.magicdec.linear(torch.randn(2, 8).bfloat16(), w, 65)
@@ -139,3 +140,117 @@ def test_an_aoti_bf16_engine_calls_the_kernel_and_matches_eager(tmp_path_factory
     (engine / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(EngineError, match=f"blocks of 64 features; this magicdec-rt's linear kernel packs {linear.BLOCK}: rebuild"):
         load_steps(engine, read_manifest(engine))
+
+
+# --- int8 drafts: torch.ops.magicdec.linear_q8 ---------------------------------------------------
+
+needs_q8 = pytest.mark.skipif(not linear.int8_wanted(torch.bfloat16, "cpu"),
+                              reason="int8 drafts run on CPUs with AVX512-VNNI (bf16 ones with AVX512-BF16 too), no AMX")
+
+
+@needs_q8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (16, 576, 576), (16, 192, 576), (16, 576, 1536), (7, 100, 4),
+                                   (64, 1536, 576), (13, 33, 68), (3, 1, 8), (25, 96, 128)])
+def test_q8_kernel_equals_its_reference(M, N, K, dtype):
+    """Bit for bit: the same per-row quantization (round half to even), exact integer sums, the same
+    two float32 scalings, then x's dtype. A zero row gives zeros."""
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g).to(dtype), (torch.randn(N, K, generator=g) * 0.1).to(dtype)
+    x[M // 2] = 0
+    w8, scale = linear.quantize(w)
+    y = torch.ops.magicdec.linear_q8(x, *linear.pack_q8(w8, scale), N)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert torch.equal(y, linear.q8_reference(x, w8, scale))
+    assert not y[M // 2].any()
+    # And what the quantization costs against the bf16 product: ~1% of its norm on random data.
+    ref = F.linear(x.float(), w.float())
+    assert (y.float() - ref).norm() <= 0.03 * ref.norm()
+
+
+def test_q8_packing_layout_and_sums():
+    w = (torch.arange(40 * 8, dtype=torch.float32).view(40, 8) - 100).bfloat16()
+    w8, scale = linear.quantize(w)
+    assert w8.dtype == torch.int8 and w8.abs().amax(1).eq(127).all()  # each feature spans its range
+    torch.testing.assert_close(w8.float() * scale[:, None], w.float(), rtol=0, atol=float(scale.max()) / 2)
+    p, s, ws = linear.pack_q8(w8, scale)
+    assert p.shape == (2, 2, 32, 4) and s.shape == ws.shape == (64,)
+    # Block b, quad j, feature f, element e holds W8[32 b + f, 4 j + e]; features past N are zero.
+    assert p[1, 1, 7, 2] == w8[39, 6] and p[0, 0, 3, 1] == w8[3, 1] and (p[1, :, 8:] == 0).all()
+    assert torch.equal(ws[:40], w8.sum(1, dtype=torch.int32)) and not ws[40:].any() and not s[40:].any()
+
+
+@needs_q8
+def test_q8_bad_inputs_are_refused():
+    p, s, ws = linear.pack_q8(*linear.quantize(torch.randn(64, 8).bfloat16()))
+    with pytest.raises(RuntimeError, match="x must be bfloat16 or float32 and the packed weights int8"):
+        torch.ops.magicdec.linear_q8(torch.randn(2, 8).half(), p, s, ws, 64)
+    with pytest.raises(RuntimeError, match="K a multiple of 4"):
+        torch.ops.magicdec.linear_q8(torch.randn(2, 6).bfloat16(), p, s, ws, 64)
+    with pytest.raises(RuntimeError, match=r"scale must be float32 and wsum int32, both \[64\]"):
+        torch.ops.magicdec.linear_q8(torch.randn(2, 8).bfloat16(), p, s[:32], ws, 64)
+
+
+def test_int8_drafts_need_vnni_and_for_bf16_models_avx512_bf16(monkeypatch):
+    assert not linear.int8_wanted(torch.float16, "cpu") and not linear.int8_wanted(torch.float32, "cuda")
+    avx512 = {"avx512f", "avx512bw", "avx512vl"}
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx2", "avx512_bf16"}))
+    assert not linear.int8_wanted(torch.bfloat16, "cpu") and not linear.int8_wanted(torch.float32, "cpu")
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx512_vnni"}))  # e.g. Ice Lake
+    assert not linear.int8_wanted(torch.bfloat16, "cpu")
+    assert linear.int8_wanted(torch.float32, "cpu") == attention.kernel_available()
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx512_bf16", "avx512_vnni", "amx_bf16"}))
+    assert not linear.int8_wanted(torch.bfloat16, "cpu") and not linear.int8_wanted(torch.float32, "cpu")
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx512_bf16", "avx512_vnni"}))
+    assert linear.int8_wanted(torch.bfloat16, "cpu") == attention.kernel_available()
+
+
+@needs_q8
+def test_only_the_draft_step_reads_the_int8_weights(bf16_engine):
+    m = read_manifest(bf16_engine)
+    assert m.draft_int8  # --draft-weights auto, on this CPU
+    steps = load_steps(bf16_engine, m)
+    layers = [x for x in steps.model.modules() if isinstance(x, linear.Linear)]
+    assert all(x.q8 is not None and x.packed is not None for x in layers)
+    ops = {}
+    for name in ("draft", "verify3@32", "prefill@32"):
+        ep = export_step(steps.model, m, name)
+        ops[name] = [str(n.target) for n in ep.graph.nodes if "magicdec.linear" in str(n.target)]
+    n = 7 * steps.model.cfg.num_layers + 1
+    assert ops["draft"] == ["magicdec.linear_q8.default"] * n
+    assert ops["verify3@32"] == ops["prefill@32"] == ["magicdec.linear.default"] * n
+    # The draft step's logits are the int8 linears' (not the bf16 ones'), close to the verify's.
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(m.model.vocab_size, (m.max_batch, 1), generator=g)
+    caches = [torch.randn(m.max_batch, steps.model.kv_heads, m.draft_slots, 64, generator=g).bfloat16() for _ in range(2)]
+    lengths = torch.full((m.max_batch,), 5)
+    draft = steps("draft", ids, lengths[:, None], caches, caches, lengths)[0]
+    full = steps._module("verify0@32")(ids, lengths[:, None], caches, caches, lengths)[0]
+    assert not torch.equal(draft, full)
+    torch.testing.assert_close(draft, full, rtol=0.1, atol=0.1)
+
+
+@needs_q8
+def test_int8_drafts_change_proposals_not_outputs(tiny_engine, tiny_runtime):
+    """A float32 engine drafting with int8 weights (auto, on this CPU): greedy speculation gives
+    the target's tokens (test_runtime.py holds them to transformers') at every gamma."""
+    assert read_manifest(tiny_engine).draft_int8 and tiny_runtime.core.steps.model.lm_head.q8 is not None
+    ar = [r.token_ids for r in tiny_runtime.generate(MIXED, max_new_tokens=40, gamma=0)]
+    for gamma in (2, 4):
+        assert [r.token_ids for r in tiny_runtime.generate(MIXED, max_new_tokens=40, gamma=gamma)] == ar
+        assert 0 < tiny_runtime.last_stats["acceptance_rate"] < 1
+
+
+def test_draft_weights_are_checked(tiny_hf, tmp_path, monkeypatch):
+    with pytest.raises(EngineError, match="draft_weights 'int4' is not supported; choose one of auto, int8, target"):
+        build_engine(tmp_path / "e", tiny_hf, draft_weights="int4", **TINY)
+    with monkeypatch.context() as m:
+        m.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma"}))
+        with pytest.raises(EngineError, match=r"draft_weights int8 needs a CPU with AVX512-VNNI \(and AVX512-BF16 for a "
+                           r"bfloat16 engine\) and no AMX; this is float32 on cpu \(.*\): use --draft-weights target"):
+            build_engine(tmp_path / "e", tiny_hf, dtype="float32", draft_weights="int8", **TINY)
+        assert not read_manifest(build_engine(tmp_path / "a", tiny_hf, **TINY)).draft_int8  # auto: not here
+    engine = build_engine(tmp_path / "t", tiny_hf, dtype="bfloat16", draft_weights="target", **TINY)
+    m = read_manifest(engine)
+    assert not m.draft_int8 and json.loads((engine / "manifest.json").read_text())["draft"]["weights"] == "target"
+    assert all(x.q8 is None for x in load_steps(engine, m).model.modules() if isinstance(x, linear.Linear))

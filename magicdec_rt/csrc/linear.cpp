@@ -1,18 +1,29 @@
-// torch.ops.magicdec.linear: y = x W^T for bfloat16 activations and weights on CPUs with AVX512-BF16.
+// torch.ops.magicdec.linear and torch.ops.magicdec.linear_q8: y = x W^T, the first for bfloat16
+// activations and weights on CPUs with AVX512-BF16, the second for int8 weights on CPUs with
+// AVX512-VNNI (bfloat16 activations also need AVX512-BF16).
 //
-// Semantics (the specification and test oracle is torch.nn.functional.linear; magicdec_rt/linear.py
-// packs the weights):
-//   x       [..., K] bfloat16, K even
-//   packed  [ceil(N/32), K/2, 32, 2] bfloat16: W [N, K] in blocks of 32 output features, each K
-//           pair of a feature side by side (rows past N are zero)
-//   n       N
-// Returns [..., N] bfloat16: float32 sums of exact bf16 products, rounded once.
+// Semantics (the specifications and test oracles are torch.nn.functional.linear and
+// magicdec_rt/linear.py: q8_reference, which also packs the weights):
+//   linear(x, packed, n)
+//     x       [..., K] bfloat16, K even
+//     packed  [ceil(N/32), K/2, 32, 2] bfloat16: W [N, K] in blocks of 32 output features, each K
+//             pair of a feature side by side (features past N are zero)
+//     returns [..., N] bfloat16: float32 sums of exact bf16 products, rounded once.
+//   linear_q8(x, packed, scale, wsum, n)
+//     x       [..., K] bfloat16 or float32, K a multiple of 4; each row is quantized here to int8 with its own
+//             scale amax / 127 (round to nearest even), held as unsigned bytes q + 128
+//     packed  [ceil(N/32), K/4, 32, 4] int8: the int8 weights W8 [N, K] in blocks of 32 features,
+//             each K quad of a feature side by side
+//     scale   [32 ceil(N/32)] float32, per feature; wsum [32 ceil(N/32)] int32, sum_k W8[n, k]
+//     returns [..., N] in x's dtype: float(sum_k (q[k] + 128) W8[n, k] - 128 wsum[n]) * x_scale * scale[n].
 //
 // Why a kernel: decoding multiplies 16-64 rows (the batch, times gamma + 1 in a verify) by every
 // weight matrix, and oneDNN's bf16 GEMM ran those at 20-25 GB/s of weights here (M = 16), well below
-// what vdpbf16ps can do. The tile here keeps up to 12 rows x 32 features of float32 sums in
-// registers; per K pair it loads 2 vectors of weights and broadcasts one x pair per row, so each
-// weight byte loaded serves up to 12 rows. Threads split the feature blocks.
+// what vdpbf16ps can do. The tile here keeps up to 12 rows x 32 features of sums in registers; per
+// step of K (a pair in bf16, a quad in int8: 128 bytes of the block either way) it loads 2 vectors of
+// weights and broadcasts 4 bytes of x per row, so each weight byte loaded serves up to 12 rows.
+// Threads split the feature blocks. The int8 form (used by the draft step: its weights need not be
+// the target's) reads half the bytes and does twice the products per instruction (vpdpbusd).
 // Blocks of 32 features, not 64 (6-row tiles): a block (32 x 576 x 2 bytes) stays in L1 for the
 // batch's second tile, the K/V projections (192 features) split evenly over 2 threads (64-feature
 // blocks: 2 + 1), and 16 rows are 2 tiles of 8. On the AVX512-BF16 EPYC, 30 layers' linears
@@ -23,134 +34,261 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
+constexpr int NB = 32;       // output features per block
+constexpr int STEP = 4 * NB; // bytes of a block per step of K
+
+// How the int8 form's epilogue turns a feature's sums into outputs: x rows' scales, the features'.
+struct Dequant {
+  const float* row_scale;  // [M]
+  const float* scale;      // [blocks * NB]
+  const int32_t* wsum;     // [blocks * NB]
+};
+
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
 #include <immintrin.h>
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")))
 #define INLINE inline __attribute__((always_inline))
 
-constexpr int NB = 32;       // output features per block
-constexpr int NV = NB / 16;  // weight vectors per K pair
+constexpr int NV = NB / 16;  // weight vectors per step of K
 constexpr int MR = 12;       // most rows per tile: 12 x 2 accumulators + 2 weight vectors + 1 broadcast
 
-// Rows [0, R) (R <= MR) of x times one packed block of NB features, into y (row stride ldy); only
-// the first `cols` features are stored. Tile i of the block's nt tiles prefetches the i-th of nt
-// interleaved shares of the thread's next block (`next`, or null), so the next weights stream in
-// while every tile of this block computes (one tile prefetching it all overlapped the reads with
-// only that tile; measured with 64-feature blocks, 30 layers' linears at M = 16 from memory: 7.7 ->
-// 7.0 ms spread out).
-template <int R>
-TARGET INLINE void tile(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t ldy, int cols,
-                        const char* next, int64_t i, int64_t nt) {
-  __m512 c[R][NV];
+// Rows [0, R) (R <= MR) of x (4 bytes per row and step: a bf16 pair or 4 quantized bytes; row
+// stride ldx bytes) times one packed block of NB features over `steps` steps of K, into y (bf16,
+// row stride ldy); only the first `cols` features are stored. Tile i of the block's nt tiles
+// prefetches the i-th of nt interleaved shares of the thread's next block (`next`, or null), so the
+// next weights stream in while every tile of this block computes (one tile prefetching it all
+// overlapped the reads with only that tile; measured with 64-feature blocks, 30 layers' linears at
+// M = 16 from memory: 7.7 -> 7.0 ms spread out).
+template <int R, bool Q8, typename Out>
+TARGET INLINE void tile(const char* x, int64_t ldx, int64_t steps, const char* w, Out* y, int64_t ldy, int cols,
+                        const char* next, int64_t i, int64_t nt, const Dequant& dq, int64_t row0, int64_t col0) {
+  using Sum = std::conditional_t<Q8, __m512i, __m512>;  // int32 or float32 sums
+  Sum c[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) c[r][j] = _mm512_setzero_ps();
-  // Step p fetches the next block's pair (i * K/2 + p) / nt when nt divides i * K/2 + p; phase and
-  // pair are counted along (a division per step cost ~1.5%).
-  int64_t phase = i * (K / 2) % nt, pair_ahead = (i * (K / 2) + nt - 1) / nt;
-  for (int64_t p = 0; p < K / 2; ++p) {
-    const uint16_t* wp = w + p * 2 * NB;
+    for (int j = 0; j < NV; ++j) c[r][j] = Sum{};
+  // Step p fetches the next block's step (i * steps + p) / nt when nt divides i * steps + p; phase
+  // and step are counted along (a division per step cost ~1.5%).
+  int64_t phase = i * steps % nt, ahead = (i * steps + nt - 1) / nt;
+  for (int64_t p = 0; p < steps; ++p) {
+    const char* wp = w + p * STEP;
     const bool fetch = phase == 0;
     if (++phase == nt) phase = 0;
     if (next && fetch) {
-      const char* np = next + pair_ahead++ * 4 * NB;
+      const char* np = next + ahead++ * STEP;
       for (int j = 0; j < NV; ++j) _mm_prefetch(np + 64 * j, _MM_HINT_T0);
     }
-    __m512bh v[NV];
-    for (int j = 0; j < NV; ++j) v[j] = (__m512bh)_mm512_loadu_si512(wp + 32 * j);
+    __m512i v[NV];
+    for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_si512(wp + 64 * j);
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * K + 2 * p, sizeof pair);
-      const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < NV; ++j) c[r][j] = _mm512_dpbf16_ps(c[r][j], v[j], b);
+      int32_t four;
+      std::memcpy(&four, x + r * ldx + 4 * p, sizeof four);
+      const __m512i b = _mm512_set1_epi32(four);
+      for (int j = 0; j < NV; ++j) {
+        if constexpr (Q8)
+          c[r][j] = _mm512_dpbusd_epi32(c[r][j], b, v[j]);
+        else
+          c[r][j] = _mm512_dpbf16_ps(c[r][j], (__m512bh)v[j], (__m512bh)b);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) {
       const int left = cols - 16 * j;
       if (left <= 0) break;
+      __m512 out;
+      if constexpr (!Q8) {
+        out = c[r][j];
+      } else {
+        const int64_t f = col0 + 16 * j;
+        const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(dq.wsum + f), 7);  // 128 wsum
+        out = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c[r][j], offset)),
+                                          _mm512_set1_ps(dq.row_scale[row0 + r])),
+                            _mm512_loadu_ps(dq.scale + f));
+      }
       const __mmask16 keep = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-      _mm256_mask_storeu_epi16(y + r * ldy + 16 * j, keep, (__m256i)_mm512_cvtneps_pbh(c[r][j]));
+      if constexpr (std::is_same_v<Out, float>)
+        _mm512_mask_storeu_ps(y + r * ldy + 16 * j, keep, out);
+      else
+        _mm256_mask_storeu_epi16(y + r * ldy + 16 * j, keep, (__m256i)_mm512_cvtneps_pbh(out));
     }
 }
 
-TARGET void blocks(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, uint16_t* y, int64_t N,
+template <bool Q8, typename Out>
+TARGET void blocks(const char* x, int64_t M, int64_t ldx, const char* w, Out* y, int64_t N, const Dequant& dq,
                    int64_t begin, int64_t end) {
+  const int64_t steps = ldx / 4;
   for (int64_t nb = begin; nb < end; ++nb) {
-    const uint16_t* wb = w + nb * K * NB;
+    const char* wb = w + nb * steps * STEP;
     const int cols = int(std::min<int64_t>(NB, N - nb * NB));
     const int64_t nt = (M + MR - 1) / MR;
-    const char* next = nb + 1 < end ? reinterpret_cast<const char*>(wb + K * NB) : nullptr;
+    const char* next = nb + 1 < end ? wb + steps * STEP : nullptr;
     // nt tiles of near-equal rows (M = 16: 8 + 8, not 12 + 4, whose 8 sums would wait on each other).
     for (int64_t i = 0, m = 0; i < nt; ++i) {
       const int64_t rows = (M - m) / (nt - i);
-      const uint16_t* xm = x + m * K;
-      uint16_t* ym = y + m * N + nb * NB;
-      m += rows;
+      const char* xm = x + m * ldx;
+      Out* ym = y + m * N + nb * NB;
+#define TILE(n) tile<n, Q8, Out>(xm, ldx, steps, wb, ym, N, cols, next, i, nt, dq, m, nb * NB)
       switch (rows) {
-        case 12: tile<12>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 11: tile<11>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 10: tile<10>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 9: tile<9>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 8: tile<8>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 7: tile<7>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 6: tile<6>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 5: tile<5>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 4: tile<4>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 3: tile<3>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        case 2: tile<2>(xm, K, wb, ym, N, cols, next, i, nt); break;
-        default: tile<1>(xm, K, wb, ym, N, cols, next, i, nt); break;
+        case 12: TILE(12); break;
+        case 11: TILE(11); break;
+        case 10: TILE(10); break;
+        case 9: TILE(9); break;
+        case 8: TILE(8); break;
+        case 7: TILE(7); break;
+        case 6: TILE(6); break;
+        case 5: TILE(5); break;
+        case 4: TILE(4); break;
+        case 3: TILE(3); break;
+        case 2: TILE(2); break;
+        default: TILE(1); break;
       }
+#undef TILE
+      m += rows;
     }
   }
 }
 
-bool supported() {
+// Rows of x [M, K] (bf16 or float32, K a multiple of 4) to bytes q + 128, q = round_half_even(x * (127 / amax))
+// clamped to +-127, and each row's scale amax / 127 (a row of zeros: all q 0, scale 0).
+TARGET INLINE __m512 load16(const uint16_t* p, __mmask16 keep) {  // bf16
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
+}
+TARGET INLINE __m512 load16(const float* p, __mmask16 keep) { return _mm512_maskz_loadu_ps(keep, p); }
+
+template <typename In>
+TARGET void quantize(const In* x, int64_t M, int64_t K, uint8_t* q, float* row_scale) {
+  for (int64_t m = 0; m < M; ++m) {
+    const In* row = x + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 keep = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(row + k, keep)));
+    }
+    const float a = _mm512_reduce_max_ps(amax);
+    const float inv = a > 0.f ? 127.f / a : 0.f;
+    row_scale[m] = a / 127.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 keep = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16(row + k, keep), vinv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127)),
+                           _mm512_set1_epi32(128));
+      _mm512_mask_cvtepi32_storeu_epi8(q + m * K + k, keep, v);
+    }
+  }
+}
+
+// AVX512-BF16 for bf16 products or outputs, AVX512-VNNI for int8 products.
+bool supported(bool bf16, bool q8) {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
+  return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         (!bf16 || __builtin_cpu_supports("avx512bf16")) && (!q8 || __builtin_cpu_supports("avx512vnni"));
 }
 #else
-bool supported() { return false; }
+bool supported(bool, bool) { return false; }
 #endif
 
-void check(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
-              "linear: x and the packed weights must be bfloat16");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "linear: x must be [..., K] with K even, got ", x.sizes());
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == NB && packed.size(3) == 2 && packed.size(1) * 2 == x.size(-1) &&
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  return sizes;
+}
+
+void check(const at::Tensor& x, const at::Tensor& packed, int64_t n, bool q8) {
+  const int per = q8 ? 4 : 2;  // K values per step
+  if (q8) {
+    TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && packed.scalar_type() == at::kChar,
+                "linear_q8: x must be bfloat16 or float32 and the packed weights int8");
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
+                "linear: x and the packed weights must be bfloat16");
+  }
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % per == 0, "linear: x must be [..., K] with K a multiple of ", per,
+              ", got ", x.sizes());
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == NB && packed.size(3) == per && packed.size(1) * per == x.size(-1) &&
                   n >= 1 && packed.size(0) == (n + NB - 1) / NB,
               "linear: packed weights ", packed.sizes(), " do not hold ", n, " features of K = ", x.size(-1));
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  check(x, packed, n);
-  TORCH_CHECK(supported(), "linear: this CPU has no AVX512-BF16; use torch.nn.functional.linear");
+  check(x, packed, n, false);
+  TORCH_CHECK(supported(true, false), "linear: this CPU has no AVX512-BF16; use torch.nn.functional.linear");
   const at::Tensor xc = x.contiguous(), wc = packed.contiguous();
   const int64_t K = x.size(-1), M = x.numel() / K;
-  auto sizes = x.sizes().vec();
-  sizes.back() = n;
-  at::Tensor y = at::empty(sizes, x.options());
+  at::Tensor y = at::empty(out_sizes(x, n), x.options());
 #ifdef TARGET
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  const auto* xp = static_cast<const char*>(xc.data_ptr());
+  const auto* wp = static_cast<const char*>(wc.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks(xp, M, K, wp, yp, n, b, e); });
+  const Dequant none{};
+  at::parallel_for(0, packed.size(0), 1,
+                   [&](int64_t b, int64_t e) { blocks<false, uint16_t>(xp, M, 2 * K, wp, yp, n, none, b, e); });
+#endif
+  return y;
+}
+
+at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                         const at::Tensor& wsum, int64_t n) {
+  check(x, packed, n, true);
+  const int64_t padded = packed.size(0) * NB;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == padded &&
+                  wsum.scalar_type() == at::kInt && wsum.dim() == 1 && wsum.size(0) == padded,
+              "linear_q8: scale must be float32 and wsum int32, both [", padded, "]");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(supported(bf16, true), "linear_q8: this CPU has no AVX512-VNNI", bf16 ? " and AVX512-BF16" : "",
+              "; use the layer's own weights");
+  const at::Tensor xc = x.contiguous(), wc = packed.contiguous(), sc = scale.contiguous(), ws = wsum.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  at::Tensor y = at::empty(out_sizes(x, n), x.options());
+  // Each row quantized once, as q8_reference does (a few microseconds at the draft's 16 rows).
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kByte));
+  at::Tensor row_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  auto* qs = xq.data_ptr<uint8_t>();
+  auto* rs = row_scale.data_ptr<float>();
+#ifdef TARGET
+  const auto* wp = static_cast<const char*>(wc.data_ptr());
+  const auto* xp = reinterpret_cast<const char*>(qs);
+  const Dequant dq{rs, sc.data_ptr<float>(), ws.data_ptr<int32_t>()};
+  if (bf16) {
+    quantize(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, qs, rs);
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<true>(xp, M, K, wp, yp, n, dq, b, e); });
+  } else {
+    quantize(xc.data_ptr<float>(), M, K, qs, rs);
+    auto* yp = y.data_ptr<float>();
+    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<true>(xp, M, K, wp, yp, n, dq, b, e); });
+  }
 #endif
   return y;
 }
 
 at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  check(x, packed, n);
-  auto sizes = x.sizes().vec();
-  sizes.back() = n;
-  return at::empty(sizes, x.options());
+  check(x, packed, n, false);
+  return at::empty(out_sizes(x, n), x.options());
+}
+
+at::Tensor linear_q8_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&, const at::Tensor&,
+                          int64_t n) {
+  check(x, packed, n, true);
+  return at::empty(out_sizes(x, n), x.options());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(magicdec, m) { m.def("linear(Tensor x, Tensor packed, int n) -> Tensor"); }
-TORCH_LIBRARY_IMPL(magicdec, CPU, m) { m.impl("linear", linear_cpu); }
-TORCH_LIBRARY_IMPL(magicdec, Meta, m) { m.impl("linear", linear_meta); }
+TORCH_LIBRARY_FRAGMENT(magicdec, m) {
+  m.def("linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("linear_q8(Tensor x, Tensor packed, Tensor scale, Tensor wsum, int n) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(magicdec, CPU, m) {
+  m.impl("linear", linear_cpu);
+  m.impl("linear_q8", linear_q8_cpu);
+}
+TORCH_LIBRARY_IMPL(magicdec, Meta, m) {
+  m.impl("linear", linear_meta);
+  m.impl("linear_q8", linear_q8_meta);
+}
