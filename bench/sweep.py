@@ -4,8 +4,8 @@
     python bench/sweep.py                # batch 1-16 x context 1k-7.5k x gamma 1-6 x budget 128-512 (hours)
     python bench/sweep.py --batch 16 --context 7680 --gamma 2 3 4 --budget 256 --temperature 0
 
-For every batch B and draft budget W there is one eager engine (built under ``engines/`` when
-missing, and calibrated for the planner). For every context C the B rows get C-token windows of
+For every batch B, draft budget W and ``--draft-weights`` there is one engine (built under
+``engines/`` when missing, and calibrated for the planner). For every context C the B rows get C-token windows of
 different documents from ``--corpus``; they are prefilled once (timed apart), and every mode then
 decodes ``--new-tokens`` tokens from that same prefilled state: our autoregressive decoding
 (gamma 0), MagicDec at each gamma, and the planner choosing gamma per round ("auto"), greedy and at
@@ -79,14 +79,15 @@ def sweep_runtime_class():
 
 
 def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, gammas: list[int], dtype: str,
-               backend: str = "eager", draft_positions: str = "original") -> Path:
+               backend: str = "eager", draft_positions: str = "original", draft_weights: str = "auto") -> Path:
     """An engine with one context bucket per swept context (each just large enough), so every
     point runs at a bucket that fits it rather than at the next power of two."""
     from builders.build import build_engine
     from magicdec_rt.engine import read_manifest
 
     buckets = [c + new_tokens + 8 for c in sorted(contexts)]
-    name = f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}" + ("-cachepos" if draft_positions == "cache" else "")
+    name = (f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}" + ("-cachepos" if draft_positions == "cache" else "")
+            + ("" if draft_weights == "auto" else f"-{draft_weights}"))
     path = ROOT / "engines" / (name if backend == "eager" else f"{name}-{backend}")
     if (path / "manifest.json").is_file() and set(gammas) <= set(read_manifest(path).gammas):
         from magicdec_rt.planner import Calibration
@@ -99,7 +100,7 @@ def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, ga
         return path
     return build_engine(path, backend=backend, max_batch=batch, max_seq_len=buckets[-1], buckets=buckets, dtype=dtype,
                         draft_budget=budget, gammas=gammas, default_gamma=gammas[-1], show_progress=False,
-                        calibrate=True, draft_positions=draft_positions)
+                        calibrate=True, draft_positions=draft_positions, draft_weights=draft_weights)
 
 
 def hf_generate(engine: Path, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype) -> dict:
@@ -135,12 +136,15 @@ def point(stats: dict, ar: dict, batch: int, context: int, budget: int, temperat
     ctx = context + stats["new_tokens"] / batch / 2
     floor = 0.0
     bound = set()
+    # Draft steps read their weights as the engine holds them for drafting (int8: one byte each).
+    m = rt.manifest
+    draft_cost = StepCost(m.model, 1, m.kv_torch_dtype.itemsize) if m.draft_int8 else cost
     for g, n in stats["gamma_rounds"].items():
         f, b = cost.floor_s(batch, g + 1, ctx, bw, mm)
         floor += n * f
         bound.add(b)
         if g:
-            f, b = cost.floor_s(batch, 1, budget + g, bw, mm)
+            f, b = draft_cost.floor_s(batch, 1, budget + g, bw, mm)
             floor += n * g * f
     p = stats["per_position_acceptance"]
     predicted = None
@@ -184,6 +188,8 @@ def main() -> None:
     p.add_argument("--budget", type=int, nargs="+", help="draft budgets (sinks + window slots)")
     p.add_argument("--policy", nargs="+", default=["snapkv"], choices=DraftPolicy.KINDS,
                    help="draft cache policies (kv_cache.DraftPolicy, default settings)")
+    p.add_argument("--draft-weights", nargs="+", default=["auto"], choices=["auto", "int8", "target"],
+                   help="the draft step's weights (magicdec-build --draft-weights), one engine each, compared in the run")
     p.add_argument("--temperature", type=float, nargs="+")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--repeats", type=int, help="runs of every mode, interleaved; the median is reported")
@@ -209,14 +215,16 @@ def main() -> None:
     SweepRuntime, SweepCore = sweep_runtime_class()
     points, hf, prefill = [], [], []
     for batch in cfg["batch"]:
-        engines = {w: engine_for(batch, w, cfg["context"], cfg["new_tokens"], gammas, args.dtype, args.backend)
-                   for w in cfg["budget"]}
+        engines = {(w, dw): engine_for(batch, w, cfg["context"], cfg["new_tokens"], gammas, args.dtype, args.backend,
+                                       draft_weights=dw)
+                   for w in cfg["budget"] for dw in args.draft_weights}
+        # A drafter: (budget, draft weights, policy).
+        drafters = [(w, dw, policy) for w in cfg["budget"] for dw in args.draft_weights for policy in args.policy]
         runtimes = {}
-        for w, eng in engines.items():
-            for policy in args.policy:
-                rt = runtimes[w, policy] = SweepRuntime.load(eng, draft_policy=DraftPolicy(policy))
-                rt.core.full = runtimes[cfg["budget"][0], args.policy[0]].full  # one full cache per batch, shared
-        first = runtimes[cfg["budget"][0], args.policy[0]]
+        for w, dw, policy in drafters:
+            rt = runtimes[w, dw, policy] = SweepRuntime.load(engines[w, dw], draft_policy=DraftPolicy(policy))
+            rt.core.full = runtimes[drafters[0]].full  # one full cache per batch, shared
+        first = runtimes[drafters[0]]
         cost = StepCost(first.manifest.model, torch_dtype.itemsize, first.manifest.kv_torch_dtype.itemsize)
         for context in cfg["context"]:
             prompts = load_prompts(first.tokenizer, args.corpus, batch, context)
@@ -224,32 +232,33 @@ def main() -> None:
             for temperature in cfg["temperature"]:
                 # Modes run interleaved, --repeats times; each reports its median run (this
                 # machine's step times wander by +-20-40% over minutes).
-                modes = [(cfg["budget"][0], args.policy[0], 0)] + [
-                    (w, policy, g) for w in cfg["budget"] for policy in args.policy for g in gammas + ["auto"]]
+                modes = [(*drafters[0], 0)] + [(*d, g) for d in drafters for g in gammas + ["auto"]]
                 runs = {mode: [] for mode in modes}
                 for _ in range(cfg["repeats"]):
-                    for w, policy, gamma in modes:
-                        rt, fresh = runtimes[w, policy], not SweepCore.saved  # fresh: this run really prefills
+                    for *drafter, gamma in modes:
+                        rt, fresh = runtimes[tuple(drafter)], not SweepCore.saved  # fresh: this run really prefills
                         torch.manual_seed(0)  # unseeded requests draw their generators from it
                         rt.generate(prompts, max_new_tokens=cfg["new_tokens"], temperature=temperature,
                                     seed=0 if args.seeded else None, gamma=gamma)
                         s = dict(rt.last_stats)
-                        runs[w, policy, gamma].append(s)
+                        runs[(*drafter, gamma)].append(s)
                         if fresh:
                             prefill.append({"batch": batch, "context": context, "prefill_s": s["prefill_s"],
                                             "tokens_per_s": batch * context / s["prefill_s"]})
                 median = {m: sorted(r, key=lambda s: s["steady_tokens_per_s"])[len(r) // 2] for m, r in runs.items()}
                 ar = median[modes[0]]
-                for (w, policy, gamma), s in median.items():
-                    pt = point(s, ar, batch, context, w, temperature, runtimes[w, policy], (cost, bw, mm))
-                    pt["policy"] = policy
-                    pt["runs_tokens_per_s"] = [r["steady_tokens_per_s"] for r in runs[w, policy, gamma]]
+                for (w, dw, policy, gamma), s in median.items():
+                    rt = runtimes[w, dw, policy]
+                    pt = point(s, ar, batch, context, w, temperature, rt, (cost, bw, mm))
+                    pt["policy"], pt["draft_weights"] = policy, "int8" if rt.manifest.draft_int8 else "target"
+                    pt["runs_tokens_per_s"] = [r["steady_tokens_per_s"] for r in runs[w, dw, policy, gamma]]
                     points.append(pt)
-                    print(f"B{batch} C{context} W{w} {policy} T{temperature} gamma {gamma}: {pt['tokens_per_s']:.1f} tok/s, "
+                    print(f"B{batch} C{context} W{w} {policy} {pt['draft_weights']} T{temperature} gamma {gamma}: "
+                          f"{pt['tokens_per_s']:.1f} tok/s, "
                           f"speedup {pt['speedup']:.2f}x (predicted {_fmt(pt['predicted_speedup'])}), "
                           f"acceptance {_fmt(pt['acceptance_rate'])}", file=sys.stderr)
             if not args.no_hf:
-                r = hf_generate(engines[cfg["budget"][0]], prompts, cfg["new_tokens"], torch_dtype)
+                r = hf_generate(engines[drafters[0][:2]], prompts, cfg["new_tokens"], torch_dtype)
                 ours = next(q for q in points if q["batch"] == batch and q["context"] == context and q["gamma"] == 0)
                 r |= {"batch": batch, "context": context, "ours_autoregressive_tokens_per_s": ours["tokens_per_s"],
                       "ours_over_hf": ours["tokens_per_s"] / r["decode_tokens_per_s"]}
@@ -277,14 +286,15 @@ def markdown(r: dict) -> str:
     lines = [f"`{r['command']}` ({r['dtype']}, {r['backend']}; {r['wall_s']:.0f} s). This machine: "
              f"{m.get('cpu', '?')} ({', '.join(m.get('isa', []))}), read bandwidth "
              f"{r['read_bandwidth_GB_s']:.1f} GB/s, matmul {r['matmul_GFLOP_s']:.0f} GFLOP/s.", "",
-             "| batch | context | budget | policy | temp | gamma | tok/s | speedup | predicted | planner online | batch speedup | "
-             "acceptance | tokens/verify | ms AR step | ms draft / verify / rest per round | GB per verify | "
+             "| batch | context | budget | policy | draft weights | temp | gamma | tok/s | speedup | predicted | planner online | "
+             "batch speedup | acceptance | tokens/verify | ms AR step | ms draft / verify / rest per round | GB per verify | "
              "floor fraction | bound |",
-             "|" + "---|" * 18]
+             "|" + "---|" * 19]
     for q in r["points"]:
         g = q["gamma"] if q["gamma"] != "auto" else "auto " + ",".join(f"{k}:{v}" for k, v in q["gamma_rounds"].items())
         lines.append(
-            f"| {q['batch']} | {q['context']} | {q['budget']} | {q.get('policy', 'streaming')} | {q['temperature']} | {g} | {q['tokens_per_s']:.1f} | "
+            f"| {q['batch']} | {q['context']} | {q['budget']} | {q.get('policy', 'streaming')} | {q.get('draft_weights', 'target')} | "
+            f"{q['temperature']} | {g} | {q['tokens_per_s']:.1f} | "
             f"{q['speedup']:.2f}x | {_fmt(q['predicted_speedup'])} | {_fmt(q['planner_online_prediction'])} | "
             f"{q['batch_speedup']:.2f}x | "
             f"{_fmt(q['acceptance_rate'])} | {q['tokens_per_row_per_verify']:.2f} | {q['ms_autoregressive_step']:.0f} | "
@@ -353,13 +363,13 @@ def plots(r: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     gmax = max(r["config"]["gamma"])
     for w in r["config"]["budget"]:
-        for policy in sorted({q.get("policy", "streaming") for q in pts}):
+        for policy, dw in sorted({(q.get("policy", "streaming"), q.get("draft_weights", "target")) for q in pts}):
             for t in temps:
-                qs = [next((q for q in pts if (q["context"], q["budget"], q.get("policy", "streaming"), q["temperature"],
-                                               q["gamma"], q["batch"]) == (c, w, policy, t, gmax, r["config"]["batch"][-1])),
-                           None) for c in contexts]
+                qs = [next((q for q in pts if (q["context"], q["budget"], q.get("policy", "streaming"),
+                                               q.get("draft_weights", "target"), q["temperature"], q["gamma"], q["batch"])
+                            == (c, w, policy, dw, t, gmax, r["config"]["batch"][-1])), None) for c in contexts]
                 ax.plot([c for c, q in zip(contexts, qs) if q], [q["acceptance_rate"] for q in qs if q],
-                        "o-" if t == 0 else "s--", label=f"{policy}, budget {w}, temperature {t}")
+                        "o-" if t == 0 else "s--", label=f"{policy} ({dw} drafts), budget {w}, temperature {t}")
     ax.set(xlabel="context", ylabel=f"acceptance rate (gamma {gmax})", ylim=(0, 1), title="acceptance vs context and budget")
     ax.legend(fontsize=7)
     fig.tight_layout()
