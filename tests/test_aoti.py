@@ -13,7 +13,7 @@ import torch
 
 from builders.build import build_engine
 from builders.compile import aoti_options, graph_key
-from magicdec_rt import EngineError, Runtime, cli, cpu
+from magicdec_rt import EngineError, Runtime, cli, cpu, linear
 from magicdec_rt.engine import read_manifest
 
 from .conftest import TINY_AOTI, copy_engine, edit_manifest
@@ -48,6 +48,11 @@ def test_manifest_records_every_graph(tiny_aoti_engine):
     assert m.cpu_threads == torch.get_num_threads()
     assert aoti_options(m)["cpp.threads"] == m.cpu_threads
     assert graph_key(m, "draft") != graph_key(replace(m, cpu_threads=m.cpu_threads + 1), "draft")
+    # The draft graph reads int8 weights where this CPU runs them (--draft-weights auto), so the
+    # token tests below hold int8 drafts too to eager there.
+    assert m.draft_int8 == linear.int8_wanted(torch.float32, "cpu")
+    assert graph_key(m, "draft") != graph_key(replace(m, draft_int8=not m.draft_int8), "draft")
+    assert graph_key(m, "verify2@32") == graph_key(replace(m, draft_int8=not m.draft_int8), "verify2@32")
 
 
 @pytest.mark.parametrize("gamma", [0, 2])
