@@ -193,7 +193,7 @@ def calibrate_main(argv=None) -> int:
                       description="Time an engine's steps on this machine for the gamma planner (writes ENGINE/calibration.json).",
                       formatter_class=ShowDefaults)
     p.add_argument("--engine", required=True, help="engine directory written by magicdec-build")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per step (median)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of timed calls, every step once per round (median)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (none either when stderr is not a terminal)")
     args = p.parse_args(argv)
 
@@ -206,7 +206,7 @@ def calibrate_main(argv=None) -> int:
     return run_cli(p.prog, run)
 
 
-def calibrate(engine, repeats: int = 3, show_progress: bool = True) -> None:
+def calibrate(engine, repeats: int = 5, show_progress: bool = True) -> None:
     """Calibrate ``engine`` and store the result in it; prints what the planner now predicts
     (a progress bar on a terminal, unless ``show_progress`` is off)."""
     import time

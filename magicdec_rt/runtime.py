@@ -167,40 +167,31 @@ class Runtime:
                     r.cancel()
         self.last_stats = core.totals.summary(requests, gamma)
 
-    def calibrate(self, repeats: int = 3) -> Calibration:
+    def calibrate(self, repeats: int = 5) -> Calibration:
         """Time this engine's steps on this machine for the planner: a draft step, the verify step
-        of every gamma at every bucket, and accept/reject, greedy and sampled (temperature 0.7),
-        each the median of ``repeats`` calls after a warm-up. Step costs depend on shapes, not on
-        what the caches hold, so this needs no prompts; it leaves the caches' contents undefined.
-        Save the result with ``Calibration.save(engine_dir)``; a new Runtime then plans with it."""
+        of every gamma at every bucket, and accept/reject, greedy and sampled (temperature 0.7).
+        Every step is timed once per round, ``repeats`` rounds after a warm-up one, and each takes
+        its median: the planner compares steps with each other, and a shared machine's speed drifts
+        over seconds (timed one after the other, 3 calls each, a verify step of gamma 3 once came
+        out 26% dearer than gamma 4's). Step costs depend on shapes, not on what the caches hold,
+        so this needs no prompts; it leaves the caches' contents undefined. Save the result with
+        ``Calibration.save(engine_dir)``; a new Runtime then plans with it."""
         m, dev, B, V = self.manifest, self.device, self.manifest.max_batch, self.manifest.model.vocab_size
         if m.world_size > 1:
             raise EngineError("calibration under tensor parallelism is not supported yet; calibrate a world-size-1 engine")
-
-        def ms(fn) -> float:
-            times = []
-            for i in range(repeats + 1):
-                t = time.perf_counter()
-                fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    times.append(time.perf_counter() - t)
-            return 1e3 * statistics.median(times)
-
         self._take_over()  # the caches are overwritten: a stream in flight must stop
         modes = {"greedy": RowRules([None] * B, dev), "sampled": RowRules([(SamplingParams(temperature=0.7), False)] * B, dev)}
-        verify = {g: {} for g in m.gammas}
-        steps = [(g, bucket) for g in m.gammas for bucket in m.context_buckets]
-        bar = tqdm(steps, desc="calibrate", unit="step", leave=False, disable=not self.show_progress)
-        for g, bucket in bar:
-            self.full.resize(bucket)
-            ck, cv = self.full.view(slice(None))
+        calls = {}  # (kind, key...) -> a call of the step; the verify steps grouped by bucket
+
+        def verify_call(g, bucket):
             L = torch.full((B,), max(bucket - g - 1, 0), device=dev)
             tokens = torch.zeros(B, g + 1, dtype=torch.long, device=dev)
             positions = L[:, None] + torch.arange(g + 1, device=dev)
-            verify[g][bucket] = ms(lambda: self.steps(f"verify{g}@{bucket}", tokens, positions, ck, cv, L))
-            bar.set_postfix_str(f"verify{g}@{bucket} {verify[g][bucket]:.0f} ms")
+            return lambda: self.steps(f"verify{g}@{bucket}", tokens, positions, *self.full.view(slice(None)), L)
+
+        for bucket in m.context_buckets:
+            for g in m.gammas:
+                calls["verify", g, bucket] = verify_call(g, bucket)
         L = torch.full((B,), m.draft_budget, device=dev)
         base = torch.tensor([self.draft.valid(n) for n in L.tolist()], device=dev)
         x, u = torch.zeros(B, dtype=torch.long, device=dev), 1 - torch.rand(B, 2 * m.max_gamma + 1, device=dev)
@@ -208,17 +199,33 @@ class Runtime:
         # draft's K/V; at gamma = 0 that step alone); the planner charges gamma draft steps, so
         # the extra one goes into "rest" of every gamma.
         extra = int(m.draft_model is not None)
-        round1 = {name: ms(lambda: self.core._draft(1, rules, x, L, base, x.new_zeros(0), u)) for name, rules in modes.items()}
-        draft = {name: t / (1 + extra) for name, t in round1.items()}
-        rest = {}
         for name, rules in modes.items():
-            rest[name] = {}
+            calls["draft", name] = lambda rules=rules: self.core._draft(1, rules, x, L, base, x.new_zeros(0), u)
             for g in m.gammas:
                 logits = torch.randn(B, g + 1, V, device=dev)
                 q = None if rules.greedy else probabilities(torch.randn(B, g, V, device=dev), SamplingParams(0.7))
                 drafts = torch.randint(0, V, (B, g), device=dev)
-                rest[name][g] = ms(lambda: [t.tolist() for t in rules.accept(drafts, q, logits, None, u[:, :g], u[:, g])])
-                rest[name][g] += extra * draft[name]
+                calls["rest", name, g] = (lambda rules=rules, g=g, logits=logits, q=q, drafts=drafts:
+                                          [t.tolist() for t in rules.accept(drafts, q, logits, None, u[:, :g], u[:, g])])
+        times = {key: [] for key in calls}
+        bar = tqdm(total=(repeats + 1) * len(calls), desc="calibrate", unit="step", leave=False,
+                   disable=not self.show_progress)
+        for i in range(repeats + 1):
+            for key, fn in calls.items():
+                if key[0] == "verify":
+                    self.full.resize(key[2])  # untimed; a no-op within a bucket's group
+                t = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:  # round 0 warms up
+                    times[key].append(1e3 * (time.perf_counter() - t))
+                bar.update()
+        bar.close()
+        ms = {key: statistics.median(t) for key, t in times.items()}
+        verify = {g: {b: ms["verify", g, b] for b in m.context_buckets} for g in m.gammas}
+        draft = {name: ms["draft", name] / (1 + extra) for name in modes}
+        rest = {name: {g: ms["rest", name, g] + extra * draft[name] for g in m.gammas} for name in modes}
         self.full.resize(m.context_buckets[0])
         return Calibration(draft, verify, rest, host_info())
 
