@@ -147,9 +147,12 @@ def test_acceptance_counts_positions_with_forgetting():
     a = Acceptance(3, prior=0.5, prior_weight=2.0, decay=0.5)
     a.observe(3, [0, 2, 3])  # reached: pos1 by 3 rows, pos2 by 2, pos3 by 2; accepted: 2, 2, 1
     assert a.reached == [3, 2, 2] and a.accepted == [2, 2, 1]
-    a.observe(2, [2])  # old counts halve; this row reached and accepted positions 1 and 2
-    assert a.reached == [2.5, 2.0, 1.0] and a.accepted == [2.0, 2.0, 0.5]
-    assert a.alphas() == pytest.approx([(2 + 1) / (2.5 + 2), (2 + 1) / (2 + 2), (0.5 + 1) / (1 + 2)])
+    a.observe(2, [2])  # the drafted positions' old counts halve; this row reached and accepted both
+    assert a.reached == [2.5, 2.0, 2.0] and a.accepted == [2.0, 2.0, 1.0]
+    assert a.alphas() == pytest.approx([(2 + 1) / (2.5 + 2), (2 + 1) / (2 + 2), (1 + 1) / (2 + 2)])
+    for _ in range(50):  # a position not drafted keeps what was learned of it: the prior does not creep back
+        a.observe(1, [1])
+    assert a.reached[2] == 2.0 and a.alphas()[2] == pytest.approx(0.5)
 
 
 @pytest.fixture(scope="module")
