@@ -12,9 +12,11 @@ attention op.
 Why int8 drafts: a draft step at batch 16 reads every weight for 16 rows, about as long in reads as
 in ``vdpbf16ps`` work, and its proposals only need to be likely, not exact (the verify step, in the
 target's weights, decides every token). Weights quantized per output feature and activations per
-row halve the bytes and the instructions (``vpdpbusd``): 30 layers' linears plus the LM head at 16
-rows took 4.65 ms against 7.64 in bf16 (``bench/linears.py``), and SnapKV drafts' acceptance did not
-drop (README, CPU kernels).
+row halve the bytes and the multiply instructions (``vpdpbusd``, which retires about 2/3 as often
+as ``vdpbf16ps`` on the AVX512-BF16 EPYC): 30 layers' linears plus the LM head at 16 rows took
+4.7-5.0 ms against 7.1-8.4 in bf16 with memory at 44-47 GB/s (``bench/linears.py``; 1.1x at 69 GB/s,
+where both are compute-bound). Acceptance dropped ~2%; the planner gained 1.05-1.2x (README, CPU
+kernels).
 """
 
 from __future__ import annotations
