@@ -15,8 +15,8 @@ target's weights, decides every token). Weights quantized per output feature and
 row halve the bytes and the multiply instructions (``vpdpbusd``, which retires about 2/3 as often
 as ``vdpbf16ps`` on the AVX512-BF16 EPYC): 30 layers' linears plus the LM head at 16 rows took
 4.7-5.0 ms against 7.1-8.4 in bf16 with memory at 44-47 GB/s (``bench/linears.py``; 1.1x at 69 GB/s,
-where both are compute-bound). Acceptance dropped ~2%; the planner gained 1.05-1.2x (README, CPU
-kernels).
+where both are compute-bound). Acceptance dropped ~2%; the planner gained 1.03-1.2x where drafting
+is a large share of a round (B4-B16 at 1k-4k) and 0.97-1.05x at B16 x 7.5k (README, CPU kernels).
 """
 
 from __future__ import annotations
