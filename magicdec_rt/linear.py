@@ -142,8 +142,7 @@ def quantize_linears(model: nn.Module) -> bool:
     """Give every ``Linear`` of ``model`` its int8 copy for the draft step, where ``int8_wanted``;
     returns whether it did."""
     layers = [m for m in _linears(model, 4) if m.q8 is None]
-    dtype = next(model.parameters()).dtype
-    if not layers or not int8_wanted(dtype, next(model.parameters()).device):
+    if not layers or not int8_wanted(layers[0].weight.dtype, layers[0].weight.device):
         return False
     for m in layers:
         m.q8, m.q8_scale, m.q8_wsum = pack_q8(*quantize(m.full_weight()))

@@ -152,13 +152,13 @@ TARGET void blocks(const char* x, int64_t M, int64_t ldx, const char* w, Out* y,
   }
 }
 
-// Rows of x [M, K] (bf16 or float32, K a multiple of 4) to bytes q + 128, q = round_half_even(x * (127 / amax))
-// clamped to +-127, and each row's scale amax / 127 (a row of zeros: all q 0, scale 0).
 TARGET INLINE __m512 load16(const uint16_t* p, __mmask16 keep) {  // bf16
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
 }
 TARGET INLINE __m512 load16(const float* p, __mmask16 keep) { return _mm512_maskz_loadu_ps(keep, p); }
 
+// Rows of x [M, K] (bf16 or float32, K a multiple of 4) to bytes q + 128, q = round_half_even(x * (127 / amax))
+// clamped to +-127, and each row's scale amax / 127 (a row of zeros: all q 0, scale 0).
 template <typename In>
 TARGET void quantize(const In* x, int64_t M, int64_t K, uint8_t* q, float* row_scale) {
   for (int64_t m = 0; m < M; ++m) {
