@@ -2,14 +2,16 @@
 
     python bench/linears.py                        # 16 and 64 rows (a B16 draft / AR step, a gamma-3 verify)
     python bench/linears.py --rows 16 --repeats 9  # one size, more repeats
+    python bench/linears.py --dtype float32        # float32 weights (engines on CPUs without native bf16)
 
-Times the 30 layers' q/k/v/o/gate/up/down projections of the embedded model (random bf16 weights,
-one copy per layer, so every call reads its weights from memory as a step does), and apart the LM
-head (49152 x 576), at M rows: ``torch.ops.magicdec.linear`` on packed weights, the same with
-q/k/v and gate/up fused into one matrix each, ``torch.ops.magicdec.linear_q8`` on int8 copies (the
-draft step's, ``linear.py``; where the CPU has AVX512-VNNI) and ``F.linear`` (oneDNN). Prints ms,
-GB/s of weights read and the fraction of this run's read bandwidth. Needs a CPU with AVX512-BF16
-(``linear.wanted``).
+Times the 30 layers' q/k/v/o/gate/up/down projections of the embedded model (random weights, one
+copy per layer, so every call reads its weights from memory as a step does), and apart the LM head
+(49152 x 576), at M rows: ``torch.ops.magicdec.linear`` on packed weights (bf16: also with q/k/v
+and gate/up fused into one matrix each; float32: also its AVX2 path, where the CPU has AVX-512),
+``torch.ops.magicdec.linear_q8`` on int8 copies (the draft step's, ``linear.py``; where the CPU has
+AVX512-VNNI) and ``F.linear`` (oneDNN in bf16, MKL in float32). Prints ms, GB/s of weights read and
+the fraction of this run's read bandwidth. Needs a CPU that runs the kernel in that dtype
+(``linear.wanted``: AVX512-BF16 for bf16, AVX2 and FMA for float32).
 """
 
 from __future__ import annotations
@@ -41,23 +43,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[16, 64])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args(argv)
-    if not linear.wanted(torch.bfloat16, "cpu"):
-        print("this CPU does not run the linear kernel (it needs AVX512-BF16 and no AMX)", file=sys.stderr)
+    dtype = getattr(torch, args.dtype)
+    if not linear.wanted(dtype, "cpu"):
+        print(f"this CPU does not run the {args.dtype} linear kernel (bf16: AVX512-BF16 and no AMX; float32: AVX2 "
+              "and FMA)", file=sys.stderr)
         return 2
     attention.kernel_available()
     cfg = ModelConfig.from_hf(load_source(embedded_model_path())[0])
     bw = measure_bandwidth()
     print(f"CPU: {cpu.model_name()}; read bandwidth {bw / 1e9:.1f} GB/s; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; linear.BLOCK {linear.BLOCK}")
+          f"{torch.get_num_threads()} threads; linear.BLOCK {linear.BLOCK}; {args.dtype}; CPU ops' ISA {attention.set_isa()}")
     gen = torch.Generator().manual_seed(0)
 
     def weights(shapes):
-        return [(torch.randn(n, k, generator=gen) * 0.05).bfloat16() for n, k in shapes]
+        return [(torch.randn(n, k, generator=gen) * 0.05).to(dtype) for n, k in shapes]
 
     def calls(ws, kind):
         """(K, x -> y) per matrix, in call order."""
-        if kind == "bf16":
+        if kind == "packed":
             return [(w.shape[1], functools.partial(torch.ops.magicdec.linear, packed=linear.pack(w), n=w.shape[0]))
                     for w in ws]
         if kind == "int8":
@@ -65,20 +70,28 @@ def main(argv=None) -> int:
                      torch.ops.magicdec.linear_q8(x, *q, n)) for w in ws]
         return [(w.shape[1], functools.partial(F.linear, weight=w)) for w in ws]
 
-    kinds = {"kernel": ("bf16", False, 2), "kernel, fused q/k/v and gate/up": ("bf16", True, 2),
-             "int8 kernel (draft)": ("int8", False, 1), "F.linear": ("F", False, 2)}
-    if not linear.int8_wanted(torch.bfloat16, "cpu"):
+    size, isa = dtype.itemsize, attention.DEFAULT_ISA
+    # name: (kind, fused, bytes per weight, the CPU ops' instruction set)
+    kinds = {"kernel": ("packed", False, size, isa), "kernel, fused q/k/v and gate/up": ("packed", True, size, isa),
+             "kernel, AVX2 path": ("packed", False, size, "avx2"),
+             "int8 kernel (draft)": ("int8", False, 1, isa), "F.linear": ("F", False, size, isa)}
+    if dtype == torch.float32:
+        del kinds["kernel, fused q/k/v and gate/up"]
+    if dtype != torch.float32 or attention.set_isa() == "avx2":  # bf16 has no AVX2 path; else it is the kernel
+        del kinds["kernel, AVX2 path"]
+    if not linear.int8_wanted(dtype, "cpu"):
         del kinds["int8 kernel (draft)"]
     cases = {}
-    for name, (kind, fused, itemsize) in kinds.items():
+    for name, (kind, fused, itemsize, path) in kinds.items():
         layers = [c for _ in range(cfg.num_layers) for c in calls(weights(layer_shapes(cfg, fused)), kind)]
-        cases[f"30 layers, {name}"] = (layers, itemsize * cfg.num_layers * sum(n * k for n, k in layer_shapes(cfg, False)))
+        cases[f"30 layers, {name}"] = (layers, itemsize * cfg.num_layers * sum(n * k for n, k in layer_shapes(cfg, False)),
+                                       path)
         if not fused:
             head = calls(weights([(cfg.vocab_size, cfg.hidden_size)]), kind)
-            cases[f"LM head, {name}"] = (head, itemsize * cfg.vocab_size * cfg.hidden_size)
+            cases[f"LM head, {name}"] = (head, itemsize * cfg.vocab_size * cfg.hidden_size, path)
     print("\n| rows | linears | ms | GB/s of weights | of the read bandwidth |\n|---|---|---|---|---|")
     for m in args.rows:
-        xs = {k: torch.randn(m, k, generator=gen).bfloat16() for k in (cfg.hidden_size, cfg.intermediate_size)}
+        xs = {k: torch.randn(m, k, generator=gen).to(dtype) for k in (cfg.hidden_size, cfg.intermediate_size)}
 
         def run(case):
             for k, f in case:
@@ -87,8 +100,10 @@ def main(argv=None) -> int:
         # The cases interleaved, best of 3 rounds: this machine's memory speed drifts within a run.
         best = dict.fromkeys(cases, float("inf"))
         for _ in range(3):
-            for name, (case, _) in cases.items():
+            for name, (case, _, path) in cases.items():
+                attention.set_isa(path)
                 best[name] = min(best[name], time_ms(lambda: run(case), args.repeats))
+        attention.set_isa(isa)
         for name, ms in best.items():
             nbytes = cases[name][1]
             print(f"| {m} | {name} | {ms:.2f} | {nbytes / ms / 1e6:.1f} | {nbytes / ms / 1e6 / (bw / 1e9):.0%} |")

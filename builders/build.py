@@ -232,8 +232,9 @@ def build_engine(
         model_sha256=sha256_file(out / "model.safetensors"),
         world_size=world_size,
         versions=versions,
-        # CPU graphs need what Inductor compiled for, and AVX512-BF16 where they call the linear kernel.
-        cpu_isa=sorted(set(cpu.compiled_isa()) | ({"avx512_bf16"} if packed else set())
+        # CPU graphs need what Inductor compiled for, and what the linear kernel needs where they call
+        # it (AVX512-BF16 in bf16, AVX2 and FMA in float32).
+        cpu_isa=sorted(set(cpu.compiled_isa()) | (set(linear.isa(DTYPES[dtype])) if packed else set())
                        | ({"avx512_vnni"} if draft_int8 else set())) if compiled_cpu else [],
         packed_linears=linear.BLOCK if packed else 0,
         cpu_threads=torch.get_num_threads() if compiled_cpu else 0,

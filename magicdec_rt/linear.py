@@ -1,13 +1,15 @@
-"""The model's linear layers on CPUs with AVX512-BF16: ``torch.ops.magicdec.linear`` over bf16
-weights packed once at load, and ``torch.ops.magicdec.linear_q8`` over int8 copies of them that only
-the draft step reads (``csrc/linear.cpp``, built with the attention kernel).
+"""The model's linear layers on the CPU: ``torch.ops.magicdec.linear`` over weights packed once at
+load (bf16 on CPUs with AVX512-BF16, float32 on CPUs with AVX2 and FMA), and
+``torch.ops.magicdec.linear_q8`` over int8 copies of them that only the draft step reads
+(``csrc/linear.cpp``, built with the attention kernel).
 
 The specifications are ``torch.nn.functional.linear`` and ``q8_reference``. Decoding multiplies few
 rows (the batch, times gamma + 1 in a verify) by every weight, where oneDNN's bf16 GEMM ran at
-20-25 GB/s of weights on the AVX512-BF16 EPYC and the kernel at ~2x that (``bench/roofline.py``
-times the steps). Used where the engine runs bf16 on such a CPU without AMX (where oneDNN has tiles
-and was not compared); ``torch.export`` records the ops and AOTInductor graphs call them, like the
-attention op.
+20-25 GB/s of weights on the AVX512-BF16 EPYC and the kernel at ~2x that, and MKL's float32 GEMM
+at 8.7 GB/s (16 rows) where the kernel read 44.9 (5.1x; 3.0x at 80 rows, where both compute:
+``bench/linears.py --dtype float32``). Used where the engine runs bf16 on such a CPU without AMX
+(where oneDNN has tiles and was not compared), and for every float32 engine on x86 CPUs with AVX2;
+``torch.export`` records the ops and AOTInductor graphs call them, like the attention op.
 
 Why int8 drafts: a draft step at batch 16 reads every weight for 16 rows, about as long in reads as
 in ``vdpbf16ps`` work, and its proposals only need to be likely, not exact (the verify step, in the
@@ -57,13 +59,14 @@ class Linear(nn.Linear):
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [N, K]`` as the kernel reads it: ``[ceil(N/BLOCK), K/2, BLOCK, 2]``, each block's
-    features side by side per pair of K (zero rows pad N)."""
+    """``weight [N, K]`` as the kernel reads it: ``[ceil(N/BLOCK), K/P, BLOCK, P]``, each block's
+    features side by side per pair of K in bf16 (P 2) or per value in float32 (P 1); zero rows pad N."""
     N, K = weight.shape
+    per = 1 if weight.dtype == torch.float32 else 2
     blocks = -(-N // BLOCK)
     w = torch.zeros(blocks * BLOCK, K, dtype=weight.dtype)
     w[:N] = weight
-    return w.view(blocks, BLOCK, K // 2, 2).transpose(1, 2).contiguous()
+    return w.view(blocks, BLOCK, K // per, per).transpose(1, 2).contiguous()
 
 
 def _to_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +107,20 @@ def q8_reference(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 def wanted(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether a model of ``dtype`` on ``device`` runs its linears with the kernel here."""
+    """Whether a model of ``dtype`` on ``device`` runs its linears with the kernel here: bf16 on CPUs
+    with AVX512-BF16 and no AMX, float32 on CPUs with AVX2 and FMA (the CPU ops' instruction set as
+    ``attention.set_isa`` left it: none on the portable path)."""
+    if torch.device(device).type != "cpu" or not attention.kernel_available():
+        return False
     f = cpu.flags()
-    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and "avx512_bf16" in f
-            and "amx_bf16" not in f and attention.kernel_available())
+    if dtype == torch.bfloat16:
+        return "avx512_bf16" in f and "amx_bf16" not in f
+    return dtype == torch.float32 and set(isa(dtype)) <= f and attention.set_isa() != "portable"
+
+
+def isa(dtype: torch.dtype) -> list[str]:
+    """The instruction sets (cpuinfo names) the kernel needs for weights of ``dtype``."""
+    return ["avx512_bf16"] if dtype == torch.bfloat16 else ["avx2", "fma"]
 
 
 def int8_wanted(dtype: torch.dtype, device: torch.device | str) -> bool:

@@ -41,8 +41,11 @@ def test_manifest_records_every_graph(tiny_aoti_engine):
         assert (tiny_aoti_engine / g["file"]).stat().st_size == g["bytes"]
         assert max(g["rel_err"].values()) <= 1e-4, name  # the float32 bound the build enforced
     assert m.versions["torch"] == torch.__version__ and len(m.model_sha256) == 64
-    # The instruction sets Inductor compiled for, all of which this CPU has.
-    assert m.cpu_isa == cpu.compiled_isa() and not cpu.missing(m.cpu_isa)
+    # The instruction sets Inductor compiled for and the linear kernels need, all of which this CPU has.
+    assert m.packed_linears == (linear.BLOCK if linear.wanted(torch.float32, "cpu") else 0)
+    needs = set(linear.isa(torch.float32)) if m.packed_linears else set()
+    assert m.cpu_isa == sorted(set(cpu.compiled_isa()) | needs | ({"avx512_vnni"} if m.draft_int8 else set()))
+    assert not cpu.missing(m.cpu_isa)
     # Inductor's own loops were generated for the threads the engine runs with, not for the build
     # workers' share of them (2 workers on 2 cores had 1 each: every loop serial).
     assert m.cpu_threads == torch.get_num_threads()

@@ -1,6 +1,6 @@
-"""The bf16 linear kernel (``torch.ops.magicdec.linear``) against ``F.linear``, weight packing, and
-where the model uses it. The kernel's own tests need a CPU with AVX512-BF16; what decides whether
-it is used is tested everywhere."""
+"""The linear kernel (``torch.ops.magicdec.linear``, bf16 and float32) against ``F.linear``, weight
+packing, and where the model uses it. The bf16 kernel's own tests need a CPU with AVX512-BF16, the
+float32 one's AVX2 and FMA; what decides whether it is used is tested everywhere."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ from .test_runtime import MIXED
 
 HERE = linear.wanted(torch.bfloat16, "cpu")
 needs_kernel = pytest.mark.skipif(not HERE, reason="the linear kernel runs on CPUs with AVX512-BF16 (no AMX)")
+FLOAT32 = linear.wanted(torch.float32, "cpu")
+needs_f32_kernel = pytest.mark.skipif(not FLOAT32, reason="the float32 linear kernel runs on CPUs with AVX2 and FMA")
+# The float32 paths this CPU runs: the AVX-512 tile where it has AVX-512, and the AVX2 one.
+F32_PATHS = ["avx2"] + (["avx512"] if FLOAT32 and "avx512f" in cpu.flags() else [])
 
 
 @needs_kernel
@@ -39,6 +43,32 @@ def test_kernel_matches_linear(M, N, K):
     assert bool(((y.float() - ref).abs() <= bound).all())
 
 
+@needs_f32_kernel
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (16, 576, 576), (16, 192, 576), (80, 1536, 576), (7, 100, 64),
+                                   (6, 576, 1536), (130, 70, 30), (3, 1, 3), (13, 33, 64), (25, 96, 128), (5, 40, 8)])
+def test_float32_kernel_matches_linear_and_its_paths_agree_bit_for_bit(M, N, K):
+    """float32 sums of exact products in the order of K (one FMA per value): within float32
+    summation error of the exact result (K * 2^-24 of sum |x w|). The AVX2 tile (6 rows x 16
+    features) makes the same FMAs in the same order as the AVX-512 one (12 rows x 32), so the two
+    agree exactly, whatever the tiles' shapes."""
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.1
+    packed = linear.pack(w)
+    assert packed.shape == (-(-N // linear.BLOCK), K, linear.BLOCK, 1)
+    exact = x.double() @ w.double().T
+    bound = K * 2**-24 * (x.double().abs() @ w.double().abs().T)
+    ys = {}
+    try:
+        for path in F32_PATHS:
+            attention.set_isa(path)
+            ys[path] = torch.ops.magicdec.linear(x, packed, N)
+            assert ys[path].dtype == torch.float32 and ys[path].shape == (M, N)
+            assert bool(((ys[path].double() - exact).abs() <= bound).all()), path
+    finally:
+        attention.set_isa("auto")
+    assert all(torch.equal(y, ys["avx2"]) for y in ys.values())
+
+
 @needs_kernel
 def test_leading_dims_and_non_contiguous_inputs():
     x = torch.randn(4, 3, 130).bfloat16()[:, :, :128]
@@ -54,22 +84,45 @@ def test_packing_layout():
     assert p.shape == (3, 3, 32, 2)
     # Block b, pair j, feature f, element e holds W[32 b + f, 2 j + e]; features past N are zero.
     assert p[2, 2, 5, 1] == w[69, 5] and p[1, 1, 3, 0] == w[35, 2] and (p[2, :, 6:] == 0).all()
+    # float32: one value of K per step.
+    p = linear.pack(w.float())
+    assert p.shape == (3, 6, 32, 1) and p[2, 5, 5, 0] == w[69, 5] and p[1, 2, 3, 0] == w[35, 2]
+    for weight in (w, w.float()):
+        layer = linear.Linear(6, 70)
+        layer.weight.data = weight
+        layer.packed = linear.pack(weight)
+        layer.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
+        assert torch.equal(layer.full_weight(), weight)
 
 
 @needs_kernel
 def test_bad_inputs_are_refused():
     w = linear.pack(torch.randn(64, 8).bfloat16())
-    with pytest.raises(RuntimeError, match="must be bfloat16"):
+    with pytest.raises(RuntimeError, match="must be both bfloat16 or both float32"):
         torch.ops.magicdec.linear(torch.randn(2, 8), w, 64)
+    with pytest.raises(RuntimeError, match="must be both bfloat16 or both float32"):
+        torch.ops.magicdec.linear(torch.randn(2, 8).double(), w, 64)
     with pytest.raises(RuntimeError, match="K a multiple of 2"):
         torch.ops.magicdec.linear(torch.randn(2, 7).bfloat16(), w, 64)
     with pytest.raises(RuntimeError, match="do not hold 65 features of K = 8"):
         torch.ops.magicdec.linear(torch.randn(2, 8).bfloat16(), w, 65)
 
 
-def test_only_bf16_models_on_avx512_bf16_cpus_without_amx_use_it(monkeypatch):
+def test_which_models_on_which_cpus_use_it(monkeypatch):
+    """bf16 on CPUs with AVX512-BF16 and no AMX; float32 on CPUs with AVX2 and FMA, unless the CPU
+    ops were forced onto the portable path (as a CPU without them would run)."""
+    assert not linear.wanted(torch.bfloat16, "cuda") and not linear.wanted(torch.float32, "cuda")
+    assert not linear.wanted(torch.float16, "cpu")
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2"}))
     assert not linear.wanted(torch.float32, "cpu")
-    assert not linear.wanted(torch.bfloat16, "cuda")
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma"}))
+    assert linear.wanted(torch.float32, "cpu") == attention.kernel_available()
+    if attention.kernel_available():
+        try:
+            attention.set_isa("portable")
+            assert not linear.wanted(torch.float32, "cpu")
+        finally:
+            attention.set_isa("auto")
     monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert not linear.wanted(torch.bfloat16, "cpu")
     monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
@@ -254,3 +307,21 @@ def test_draft_weights_are_checked(tiny_hf, tmp_path, monkeypatch):
     m = read_manifest(engine)
     assert not m.draft_int8 and json.loads((engine / "manifest.json").read_text())["draft"]["weights"] == "target"
     assert all(x.q8 is None for x in load_steps(engine, m).model.modules() if isinstance(x, linear.Linear))
+
+
+@needs_f32_kernel
+def test_a_float32_engine_packs_its_linears_and_both_paths_decode_alike(tiny_engine):
+    """Float32 engines (what --dtype auto builds on CPUs without native bf16) run the kernel; its
+    AVX2 path, as an AVX2-only CPU runs it, gives the same tokens as the AVX-512 one here (the same
+    sums in the same order: equal bit for bit). Agreement with transformers is tested with the
+    kernel in use (test_runtime, test_embedded)."""
+    rt = Runtime.load(tiny_engine)
+    m = rt.core.steps.model
+    assert all(x.packed is not None and x.packed.dtype == torch.float32 for x in m.modules()
+               if isinstance(x, linear.Linear))
+    want = [r.token_ids for r in rt.generate(MIXED, max_new_tokens=20, gamma=3)]
+    try:
+        attention.set_isa("avx2")
+        assert [r.token_ids for r in rt.generate(MIXED, max_new_tokens=20, gamma=3)] == want
+    finally:
+        attention.set_isa("auto")

@@ -797,6 +797,12 @@ at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k_cache, const 
 
 }  // namespace
 
+// The instruction set the package's CPU ops run: linear.cpp's float32 path follows the attention
+// kernel's choice, so a forced one (set_isa, MAGICDEC_KERNEL_ISA) applies to both.
+namespace magicdec {
+const char* kernel_isa() { return ISAS[active_isa()].name; }
+}  // namespace magicdec
+
 TORCH_LIBRARY(magicdec, m) {
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? k_new, Tensor? v_new, float scale) -> Tensor");
   m.def("set_isa(str isa) -> str", &set_isa);

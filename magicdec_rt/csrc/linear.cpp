@@ -1,14 +1,16 @@
 // torch.ops.magicdec.linear and torch.ops.magicdec.linear_q8: y = x W^T, the first for bfloat16
-// activations and weights on CPUs with AVX512-BF16, the second for int8 weights on CPUs with
-// AVX512-VNNI (bfloat16 activations also need AVX512-BF16).
+// activations and weights on CPUs with AVX512-BF16 or float32 ones on CPUs with AVX2 and FMA, the
+// second for int8 weights on CPUs with AVX512-VNNI (bfloat16 activations also need AVX512-BF16).
 //
 // Semantics (the specifications and test oracles are torch.nn.functional.linear and
 // magicdec_rt/linear.py: q8_reference, which also packs the weights):
 //   linear(x, packed, n)
-//     x       [..., K] bfloat16, K even
-//     packed  [ceil(N/32), K/2, 32, 2] bfloat16: W [N, K] in blocks of 32 output features, each K
-//             pair of a feature side by side (features past N are zero)
-//     returns [..., N] bfloat16: float32 sums of exact bf16 products, rounded once.
+//     x       [..., K] bfloat16 (K even) or float32
+//     packed  [ceil(N/32), K/P, 32, P] in x's dtype, P = 2 for bfloat16, 1 for float32: W [N, K] in
+//             blocks of 32 output features, each K pair (bf16) or value (float32) of a feature side
+//             by side (features past N are zero)
+//     returns [..., N] in x's dtype: float32 sums of exact products (bf16: rounded once), summed
+//             in the order of K.
 //   linear_q8(x, packed, scale, wsum, n)
 //     x       [..., K] bfloat16 or float32, K a multiple of 4; each row is quantized here to int8 with its own
 //             scale amax / 127 (round to nearest even), held as unsigned bytes q + 128
@@ -24,6 +26,10 @@
 // weights and broadcasts 4 bytes of x per row, so each weight byte loaded serves up to 12 rows.
 // Threads split the feature blocks. The int8 form (used by the draft step: its weights need not be
 // the target's) reads half the bytes and does twice the products per instruction (vpdpbusd).
+// float32 (engines on CPUs without native bf16) is the same tile with one FMA per K value; MKL's
+// sgemm ran 8-12 GB/s of weights at M = 16 on the AVX512-BF16 EPYC (64-98 GFLOP/s, AVX2 or
+// AVX-512) and ~145 GFLOP/s at M = 80. On CPUs without AVX-512, an AVX2 tile (6 rows x 16 features,
+// the block's two halves one after the other) does the same sums in the same order.
 // Blocks of 32 features, not 64 (6-row tiles): a block (32 x 576 x 2 bytes) stays in L1 for the
 // batch's second tile, the K/V projections (192 features) split evenly over 2 threads (64-feature
 // blocks: 2 + 1), and 16 rows are 2 tiles of 8. On the AVX512-BF16 EPYC, 30 layers' linears
@@ -34,12 +40,20 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
+
+namespace magicdec {
+const char* kernel_isa();  // attention.cpp
+}
 
 namespace {
 
 constexpr int NB = 32;       // output features per block
 constexpr int STEP = 4 * NB; // bytes of a block per step of K
+
+// What a step of K multiplies: a bf16 pair, an int8 quad or a float32 value per feature and row.
+enum class Kind { Bf16, Q8, F32 };
 
 // How the int8 form's epilogue turns a feature's sums into outputs: x rows' scales, the features'.
 struct Dequant {
@@ -56,16 +70,17 @@ struct Dequant {
 constexpr int NV = NB / 16;  // weight vectors per step of K
 constexpr int MR = 12;       // most rows per tile: 12 x 2 accumulators + 2 weight vectors + 1 broadcast
 
-// Rows [0, R) (R <= MR) of x (4 bytes per row and step: a bf16 pair or 4 quantized bytes; row
-// stride ldx bytes) times one packed block of NB features over `steps` steps of K, into y (bf16,
-// row stride ldy); only the first `cols` features are stored. Tile i of the block's nt tiles
+// Rows [0, R) (R <= MR) of x (4 bytes per row and step: a bf16 pair, 4 quantized bytes or a float;
+// row stride ldx bytes) times one packed block of NB features over `steps` steps of K, into y (row
+// stride ldy); only the first `cols` features are stored. The float32 form uses AVX-512F only. Tile i of the block's nt tiles
 // prefetches the i-th of nt interleaved shares of the thread's next block (`next`, or null), so the
 // next weights stream in while every tile of this block computes (one tile prefetching it all
 // overlapped the reads with only that tile; measured with 64-feature blocks, 30 layers' linears at
 // M = 16 from memory: 7.7 -> 7.0 ms spread out).
-template <int R, bool Q8, typename Out>
+template <int R, Kind KIND, typename Out>
 TARGET INLINE void tile(const char* x, int64_t ldx, int64_t steps, const char* w, Out* y, int64_t ldy, int cols,
                         const char* next, int64_t i, int64_t nt, const Dequant& dq, int64_t row0, int64_t col0) {
+  constexpr bool Q8 = KIND == Kind::Q8;
   using Sum = std::conditional_t<Q8, __m512i, __m512>;  // int32 or float32 sums
   Sum c[R][NV];
   for (int r = 0; r < R; ++r)
@@ -90,8 +105,10 @@ TARGET INLINE void tile(const char* x, int64_t ldx, int64_t steps, const char* w
       for (int j = 0; j < NV; ++j) {
         if constexpr (Q8)
           c[r][j] = _mm512_dpbusd_epi32(c[r][j], b, v[j]);
-        else
+        else if constexpr (KIND == Kind::Bf16)
           c[r][j] = _mm512_dpbf16_ps(c[r][j], (__m512bh)v[j], (__m512bh)b);
+        else
+          c[r][j] = _mm512_fmadd_ps(_mm512_castsi512_ps(v[j]), _mm512_castsi512_ps(b), c[r][j]);
       }
     }
   }
@@ -117,7 +134,7 @@ TARGET INLINE void tile(const char* x, int64_t ldx, int64_t steps, const char* w
     }
 }
 
-template <bool Q8, typename Out>
+template <Kind KIND, typename Out>
 TARGET void blocks(const char* x, int64_t M, int64_t ldx, const char* w, Out* y, int64_t N, const Dequant& dq,
                    int64_t begin, int64_t end) {
   const int64_t steps = ldx / 4;
@@ -131,7 +148,7 @@ TARGET void blocks(const char* x, int64_t M, int64_t ldx, const char* w, Out* y,
       const int64_t rows = (M - m) / (nt - i);
       const char* xm = x + m * ldx;
       Out* ym = y + m * N + nb * NB;
-#define TILE(n) tile<n, Q8, Out>(xm, ldx, steps, wb, ym, N, cols, next, i, nt, dq, m, nb * NB)
+#define TILE(n) tile<n, KIND, Out>(xm, ldx, steps, wb, ym, N, cols, next, i, nt, dq, m, nb * NB)
       switch (rows) {
         case 12: TILE(12); break;
         case 11: TILE(11); break;
@@ -149,6 +166,74 @@ TARGET void blocks(const char* x, int64_t M, int64_t ldx, const char* w, Out* y,
 #undef TILE
       m += rows;
     }
+  }
+}
+
+// float32 on CPUs with AVX2 and FMA (16 ymm registers): rows [0, R) (R <= MR2) of x times half h
+// (features 16h .. 16h + 15) of a packed block, summed in the order of K as the AVX-512 tile does;
+// prefetching as there, tile i of nt fetching its share of the next block.
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+constexpr int MR2 = 6;  // 6 x 2 accumulators + 2 weight vectors + 1 broadcast
+
+template <int R>
+TARGET_AVX2 INLINE void tile_avx2(const float* x, int64_t K, const char* w, int h, float* y, int64_t ldy, int cols,
+                                  const char* next, int64_t i, int64_t nt) {
+  __m256 c[R][2];
+  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+  int64_t phase = i * K % nt, ahead = (i * K + nt - 1) / nt;
+  for (int64_t p = 0; p < K; ++p) {
+    const float* wp = reinterpret_cast<const float*>(w + p * STEP) + 16 * h;
+    const bool fetch = phase == 0;
+    if (++phase == nt) phase = 0;
+    if (next && fetch) {
+      const char* np = next + ahead++ * STEP;
+      _mm_prefetch(np, _MM_HINT_T0);
+      _mm_prefetch(np + 64, _MM_HINT_T0);
+    }
+    const __m256 v0 = _mm256_loadu_ps(wp), v1 = _mm256_loadu_ps(wp + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(x + r * K + p);
+      c[r][0] = _mm256_fmadd_ps(v0, b, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(v1, b, c[r][1]);
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 2; ++j) {
+      const int left = cols - 16 * h - 8 * j;
+      if (left <= 0) break;
+      float* out = y + r * ldy + 16 * h + 8 * j;
+      if (left >= 8)
+        _mm256_storeu_ps(out, c[r][j]);
+      else
+        _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane), c[r][j]);
+    }
+}
+
+TARGET_AVX2 void blocks_avx2(const float* x, int64_t M, int64_t K, const char* w, float* y, int64_t N, int64_t begin,
+                             int64_t end) {
+  for (int64_t nb = begin; nb < end; ++nb) {
+    const char* wb = w + nb * K * STEP;
+    const int cols = int(std::min<int64_t>(NB, N - nb * NB));
+    const int64_t halves = cols > 16 ? 2 : 1, rt = (M + MR2 - 1) / MR2, nt = halves * rt;
+    const char* next = nb + 1 < end ? wb + K * STEP : nullptr;
+    for (int h = 0; h < halves; ++h)
+      for (int64_t i = 0, m = 0; i < rt; ++i) {
+        const int64_t rows = (M - m) / (rt - i);
+        const float* xm = x + m * K;
+        float* ym = y + m * N + nb * NB;
+#define TILE(n) tile_avx2<n>(xm, K, wb, h, ym, N, cols, next, h * rt + i, nt)
+        switch (rows) {
+          case 6: TILE(6); break;
+          case 5: TILE(5); break;
+          case 4: TILE(4); break;
+          case 3: TILE(3); break;
+          case 2: TILE(2); break;
+          default: TILE(1); break;
+        }
+#undef TILE
+        m += rows;
+      }
   }
 }
 
@@ -189,8 +274,13 @@ bool supported(bool bf16, bool q8) {
   return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
          (!bf16 || __builtin_cpu_supports("avx512bf16")) && (!q8 || __builtin_cpu_supports("avx512vnni"));
 }
+bool supported_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
 #else
 bool supported(bool, bool) { return false; }
+bool supported_avx2() { return false; }
 #endif
 
 std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
@@ -200,13 +290,14 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
 }
 
 void check(const at::Tensor& x, const at::Tensor& packed, int64_t n, bool q8) {
-  const int per = q8 ? 4 : 2;  // K values per step
+  const int per = q8 ? 4 : x.scalar_type() == at::kFloat ? 1 : 2;  // K values per step
   if (q8) {
     TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && packed.scalar_type() == at::kChar,
                 "linear_q8: x must be bfloat16 or float32 and the packed weights int8");
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
-                "linear: x and the packed weights must be bfloat16");
+    TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+                    packed.scalar_type() == x.scalar_type(),
+                "linear: x and the packed weights must be both bfloat16 or both float32");
   }
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) % per == 0, "linear: x must be [..., K] with K a multiple of ", per,
               ", got ", x.sizes());
@@ -217,17 +308,32 @@ void check(const at::Tensor& x, const at::Tensor& packed, int64_t n, bool q8) {
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   check(x, packed, n, false);
-  TORCH_CHECK(supported(true, false), "linear: this CPU has no AVX512-BF16; use torch.nn.functional.linear");
+  const bool f32 = x.scalar_type() == at::kFloat;
+  // float32: the AVX-512 tile unless the CPU ops were forced to a narrower instruction set.
+  const std::string isa = magicdec::kernel_isa();
+  const bool avx512 = supported(!f32, false) && (!f32 || isa == "avx512bf16" || isa == "avx512");
+  TORCH_CHECK(avx512 || (f32 && supported_avx2()), f32 ? "linear: this CPU has no AVX2 and FMA" : "linear: this CPU has no AVX512-BF16",
+              "; use torch.nn.functional.linear");
   const at::Tensor xc = x.contiguous(), wc = packed.contiguous();
   const int64_t K = x.size(-1), M = x.numel() / K;
   at::Tensor y = at::empty(out_sizes(x, n), x.options());
 #ifdef TARGET
   const auto* xp = static_cast<const char*>(xc.data_ptr());
   const auto* wp = static_cast<const char*>(wc.data_ptr());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const Dequant none{};
-  at::parallel_for(0, packed.size(0), 1,
-                   [&](int64_t b, int64_t e) { blocks<false, uint16_t>(xp, M, 2 * K, wp, yp, n, none, b, e); });
+  if (!f32) {
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    at::parallel_for(0, packed.size(0), 1,
+                     [&](int64_t b, int64_t e) { blocks<Kind::Bf16, uint16_t>(xp, M, 2 * K, wp, yp, n, none, b, e); });
+  } else if (avx512) {
+    auto* yp = y.data_ptr<float>();
+    at::parallel_for(0, packed.size(0), 1,
+                     [&](int64_t b, int64_t e) { blocks<Kind::F32, float>(xp, M, 4 * K, wp, yp, n, none, b, e); });
+  } else {
+    const float* xf = xc.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks_avx2(xf, M, K, wp, yp, n, b, e); });
+  }
 #endif
   return y;
 }
@@ -257,11 +363,11 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   if (bf16) {
     quantize(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, qs, rs);
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<true>(xp, M, K, wp, yp, n, dq, b, e); });
+    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<Kind::Q8>(xp, M, K, wp, yp, n, dq, b, e); });
   } else {
     quantize(xc.data_ptr<float>(), M, K, qs, rs);
     auto* yp = y.data_ptr<float>();
-    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<true>(xp, M, K, wp, yp, n, dq, b, e); });
+    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<Kind::Q8>(xp, M, K, wp, yp, n, dq, b, e); });
   }
 #endif
   return y;
