@@ -79,7 +79,8 @@ def sweep_runtime_class():
 
 
 def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, gammas: list[int], dtype: str,
-               backend: str = "eager", draft_positions: str = "original", draft_weights: str = "auto") -> Path:
+               backend: str = "eager", draft_positions: str = "original", draft_weights: str = "auto",
+               kv_dtype: str | None = None) -> Path:
     """An engine with one context bucket per swept context (each just large enough), so every
     point runs at a bucket that fits it rather than at the next power of two."""
     from builders.build import build_engine
@@ -87,7 +88,8 @@ def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, ga
 
     buckets = [c + new_tokens + 8 for c in sorted(contexts)]
     name = (f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}" + ("-cachepos" if draft_positions == "cache" else "")
-            + ("" if draft_weights == "auto" else f"-{draft_weights}"))
+            + ("" if draft_weights == "auto" else f"-{draft_weights}")
+            + ("" if kv_dtype in (None, dtype) else f"-kv{kv_dtype}"))
     path = ROOT / "engines" / (name if backend == "eager" else f"{name}-{backend}")
     if (path / "manifest.json").is_file() and set(gammas) <= set(read_manifest(path).gammas):
         from magicdec_rt.planner import Calibration
@@ -100,7 +102,8 @@ def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, ga
         return path
     return build_engine(path, backend=backend, max_batch=batch, max_seq_len=buckets[-1], buckets=buckets, dtype=dtype,
                         draft_budget=budget, gammas=gammas, default_gamma=gammas[-1], show_progress=False,
-                        calibrate=True, draft_positions=draft_positions, draft_weights=draft_weights)
+                        calibrate=True, draft_positions=draft_positions, draft_weights=draft_weights,
+                        kv_dtype=kv_dtype)
 
 
 def hf_generate(engine: Path, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype) -> dict:
@@ -195,6 +198,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, help="runs of every mode, interleaved; the median is reported")
     p.add_argument("--dtype", default=cpu.auto_dtype(), choices=["float32", "bfloat16"],
                    help="default: what --dtype auto picks on this CPU")
+    p.add_argument("--kv-dtype", choices=["float32", "bfloat16"],
+                   help="the KV caches' dtype (default: --dtype's; bfloat16 under float32 weights is what "
+                        "--dtype auto builds on CPUs without native bf16)")
     p.add_argument("--seeded", action="store_true", help="sample with seeds: drafter-invariant Gumbel sampling "
                    "instead of the rejection sampler (sampling.py), whose acceptance is higher")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
@@ -216,7 +222,7 @@ def main() -> None:
     points, hf, prefill = [], [], []
     for batch in cfg["batch"]:
         engines = {(w, dw): engine_for(batch, w, cfg["context"], cfg["new_tokens"], gammas, args.dtype, args.backend,
-                                       draft_weights=dw)
+                                       draft_weights=dw, kv_dtype=args.kv_dtype)
                    for w in cfg["budget"] for dw in args.draft_weights}
         # A drafter: (budget, draft weights, policy).
         drafters = [(w, dw, policy) for w in cfg["budget"] for dw in args.draft_weights for policy in args.policy]
@@ -267,7 +273,8 @@ def main() -> None:
                       file=sys.stderr)
         del runtimes, first
         SweepCore.saved.clear()
-    report = {"command": " ".join(sys.argv), "config": cfg, "dtype": args.dtype, "backend": args.backend,
+    report = {"command": " ".join(sys.argv), "config": cfg, "dtype": args.dtype, "kv_dtype": args.kv_dtype or args.dtype,
+              "backend": args.backend,
               "machine": cpu.describe(),
               "read_bandwidth_GB_s": bw / 1e9, "matmul_GFLOP_s": mm / 1e9, "wall_s": time.perf_counter() - t_start,
               "prefill": prefill, "hf_generate": hf, "points": points}
@@ -283,7 +290,9 @@ def _fmt(x, spec=".2f"):
 
 def markdown(r: dict) -> str:
     m = r.get("machine", {})
-    lines = [f"`{r['command']}` ({r['dtype']}, {r['backend']}; {r['wall_s']:.0f} s). This machine: "
+    kv = r.get("kv_dtype", r["dtype"])
+    dtypes = r["dtype"] if kv == r["dtype"] else f"{r['dtype']} weights, {kv} KV cache"
+    lines = [f"`{r['command']}` ({dtypes}, {r['backend']}; {r['wall_s']:.0f} s). This machine: "
              f"{m.get('cpu', '?')} ({', '.join(m.get('isa', []))}), read bandwidth "
              f"{r['read_bandwidth_GB_s']:.1f} GB/s, matmul {r['matmul_GFLOP_s']:.0f} GFLOP/s.", "",
              "| batch | context | budget | policy | draft weights | temp | gamma | tok/s | speedup | predicted | planner online | "

@@ -72,7 +72,8 @@ constexpr int MR = 12;       // most rows per tile: 12 x 2 accumulators + 2 weig
 
 // Rows [0, R) (R <= MR) of x (4 bytes per row and step: a bf16 pair, 4 quantized bytes or a float;
 // row stride ldx bytes) times one packed block of NB features over `steps` steps of K, into y (row
-// stride ldy); only the first `cols` features are stored. The float32 form uses AVX-512F only. Tile i of the block's nt tiles
+// stride ldy); only the first `cols` features are stored (the float32 form uses AVX-512F and BW/VL
+// masks only, so it also runs without AVX512-BF16 and VNNI). Tile i of the block's nt tiles
 // prefetches the i-th of nt interleaved shares of the thread's next block (`next`, or null), so the
 // next weights stream in while every tile of this block computes (one tile prefetching it all
 // overlapped the reads with only that tile; measured with 64-feature blocks, 30 layers' linears at
