@@ -21,10 +21,10 @@ an engine's steps always run its full static batch, so its costs are per engine.
 
 Costs come from a calibration: the engine's own steps timed on this machine
 (``Runtime.calibrate``, ``magicdec-calibrate``), stored in the engine directory as
-``calibration.json`` with what they depend on (CPU, threads, torch, the CPU kernels' sources); a
-runtime loading one measured under anything else warns that it is stale (a faster attention kernel
-made the AR step 17% cheaper than an older calibration said, and the planner then drafted at a
-point where that lost 7%). Steps timed alone are not rounds run in the loop, and a shared machine
+``calibration.json`` with what they depend on (CPU, threads, torch, the CPU kernels' sources and
+forced instruction set); a runtime loading one measured under anything else warns that it is
+stale (a faster attention kernel made the AR step 17% cheaper than an older calibration said, and
+the planner then drafted at a point where that lost 7%). Steps timed alone are not rounds run in the loop, and a shared machine
 drifts, so each gamma's calibrated cost is scaled by the running ratio of the round times measured
 with it to what the calibration predicted; a gamma not run yet takes the mean ratio of those that
 were (drift moves every step alike, and favouring the untried gamma would make the planner flip
@@ -92,9 +92,10 @@ class Calibration:
 
 
 def host_info() -> dict:
-    """What step times depend on besides the engine."""
+    """What step times depend on besides the engine (``kernel_isa``: the CPU ops' instruction set as
+    ``MAGICDEC_KERNEL_ISA`` forces it, ``auto`` the CPU's best)."""
     return {"machine": platform.machine(), "cpu": cpu.model_name(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "kernels": attention.fingerprint()}
+            "torch": torch.__version__, "kernels": attention.fingerprint(), "kernel_isa": attention.DEFAULT_ISA}
 
 
 def mode(greedy: bool) -> str:

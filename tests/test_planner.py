@@ -173,9 +173,10 @@ def test_calibration_is_stored_with_the_engine(calibrated):
     assert rt.planner is not None
 
 
-@pytest.mark.parametrize("key, old", [("kernels", "0123456789ab"), ("torch", "2.0.0"), ("cpu", "Another CPU")])
+@pytest.mark.parametrize("key, old", [("kernels", "0123456789ab"), ("torch", "2.0.0"), ("cpu", "Another CPU"),
+                                      ("kernel_isa", "another-isa")])
 def test_a_calibration_measured_elsewhere_warns_that_it_is_stale(calibrated, tmp_path, key, old):
-    """Step times depend on the CPU kernels' sources, torch and the CPU: one measured under others
+    """Step times depend on the CPU kernels' sources and instruction set, torch and the CPU: one measured under others
     misleads the planner, and loading it says so (a fresh one does not warn)."""
     import warnings
 
