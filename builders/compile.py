@@ -33,7 +33,7 @@ from magicdec_rt import linear as linear_module
 from magicdec_rt import model as model_module
 from magicdec_rt.engine import Manifest, load_aoti_graph, step_module
 from magicdec_rt.errors import EngineError
-from magicdec_rt.model import Transformer
+from magicdec_rt.model import DecodeStep, Transformer
 
 from .export import export_step, step_inputs
 
@@ -53,11 +53,17 @@ AOTI_OPTIONS = {
 def aoti_options(manifest: Manifest) -> dict:
     """``AOTI_OPTIONS`` for this engine. Inductor decides when it compiles which of its loops run in
     parallel and on how many threads: on a CPU, for the threads the engine runs with (a build
-    worker has only its share of them, and with 1 it generated every loop serial)."""
-    return AOTI_OPTIONS | ({"cpp.threads": manifest.cpu_threads} if manifest.cpu_threads else {})
+    worker has only its share of them, and with 1 it generated every loop serial). Under a cache of
+    another dtype (bf16 KV, float32 weights) a block's own K/V are rounded to the cache's dtype and
+    back (``model.py``), which Inductor drops inside a fused kernel unless it emulates precision
+    casts: the compiled block would attend to unrounded K/V (4e-3 from eager at a prefill chunk,
+    measured), and speculation would no longer equal plain decoding."""
+    return (AOTI_OPTIONS | ({"cpp.threads": manifest.cpu_threads} if manifest.cpu_threads else {})
+            | ({"emulate_precision_casts": True} if manifest.kv_dtype != manifest.dtype else {}))
 
 
-# Default bounds on the relative error of a compiled graph beyond twice eager's own (see above).
+# Default bounds on the relative error of a compiled graph beyond twice eager's own (see above), by
+# dtype; an engine takes the larger of its weights' and its cache's.
 REL_ERR_BOUND = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
@@ -189,7 +195,15 @@ def build_graph(model: Transformer, reference: Transformer, manifest: Manifest, 
     with torch.no_grad():
         got = graph(*flat)
         eager = step_module(model, name)(*inputs)
-        ref = eager if reference is model else step_module(reference, name)(*[f32(x) for x in inputs])
+        if reference is not model:
+            ref = step_module(reference, name)(*[f32(x) for x in inputs])
+        elif name == "draft" and manifest.draft_int8:
+            # A float32 engine's int8 draft is held to the draft in the model's own weights, as a
+            # bf16 engine's is to its float32 reference: a float32 input differing in its last bit
+            # can quantize to another int8 value, so compiled and eager int8 drafts are not equal.
+            ref = DecodeStep(model)(*inputs)
+        else:
+            ref = eager
     compiled_err, eager_err = rel_err(got, ref), rel_err(eager, ref)
     allowed = {k: 2 * eager_err[k] + bound for k in compiled_err}
     worst = max(compiled_err, key=lambda k: compiled_err[k] - allowed[k])

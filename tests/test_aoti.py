@@ -68,6 +68,24 @@ def test_aoti_greedy_tokens_equal_eager(aoti_runtime, eager_runtime, gamma):
         assert 0 < aoti_runtime.last_stats["acceptance_rate"] < 1
 
 
+def test_float32_weights_over_a_bf16_cache_compile_and_speculate_exactly(tmp_path, tiny_hf):
+    """What --dtype auto builds on CPUs without native bf16. A block's own K/V are rounded to the
+    cache's dtype and back (model.py); Inductor drops such a round trip inside a fused kernel unless
+    it emulates precision casts, and the build then failed validation (new K/V 4e-3 from eager, the
+    embedded model's prefill) while its blocks attended to unrounded K/V. The graphs' new K/V now
+    equal eager's, the engine is held to the bf16 bound (its cache's), and greedy speculation
+    equals plain decoding."""
+    small = dict(TINY_AOTI, max_seq_len=64, buckets=[64])
+    engine = build_engine(tmp_path / "engine", tiny_hf, backend="aoti", kv_dtype="bfloat16", **small)
+    m = read_manifest(engine)
+    assert m.dtype == "float32" and m.kv_dtype == "bfloat16" and aoti_options(m)["emulate_precision_casts"]
+    assert all(g["rel_err"][kv] == 0 for name, g in m.graphs.items() if name != "draft" for kv in ("new_k", "new_v"))
+    rt = Runtime.load(engine)
+    want = [r.token_ids for r in rt.generate(PROMPTS[:4], max_new_tokens=20, gamma=0)]
+    assert [r.token_ids for r in rt.generate(PROMPTS[:4], max_new_tokens=20, gamma=2)] == want
+    assert 0 < rt.last_stats["acceptance_rate"] <= 1
+
+
 def test_aoti_refill_and_bucket_shrink(aoti_runtime, eager_runtime):
     """More prompts than rows: a long row finishes, short ones take its slot, and the cache is laid
     out again at the smaller bucket; the tokens still equal eager's."""

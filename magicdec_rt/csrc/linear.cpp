@@ -135,6 +135,15 @@ TARGET INLINE void tile(const char* x, int64_t ldx, int64_t steps, const char* w
     }
 }
 
+// f(std::integral_constant<int, rows>{}) for 1 <= rows <= MAX: a tile's rows must be a compile-time
+// constant for its sums to stay in registers.
+template <int MAX, typename F>
+INLINE void with_rows(int64_t rows, F&& f) {
+  if constexpr (MAX > 1)
+    if (rows < MAX) return with_rows<MAX - 1>(rows, f);
+  f(std::integral_constant<int, MAX>{});
+}
+
 template <Kind KIND, typename Out>
 TARGET void blocks(const char* x, int64_t M, int64_t ldx, const char* w, Out* y, int64_t N, const Dequant& dq,
                    int64_t begin, int64_t end) {
@@ -149,22 +158,9 @@ TARGET void blocks(const char* x, int64_t M, int64_t ldx, const char* w, Out* y,
       const int64_t rows = (M - m) / (nt - i);
       const char* xm = x + m * ldx;
       Out* ym = y + m * N + nb * NB;
-#define TILE(n) tile<n, KIND, Out>(xm, ldx, steps, wb, ym, N, cols, next, i, nt, dq, m, nb * NB)
-      switch (rows) {
-        case 12: TILE(12); break;
-        case 11: TILE(11); break;
-        case 10: TILE(10); break;
-        case 9: TILE(9); break;
-        case 8: TILE(8); break;
-        case 7: TILE(7); break;
-        case 6: TILE(6); break;
-        case 5: TILE(5); break;
-        case 4: TILE(4); break;
-        case 3: TILE(3); break;
-        case 2: TILE(2); break;
-        default: TILE(1); break;
-      }
-#undef TILE
+      with_rows<MR>(rows, [&](auto r) TARGET {
+        tile<decltype(r)::value, KIND, Out>(xm, ldx, steps, wb, ym, N, cols, next, i, nt, dq, m, nb * NB);
+      });
       m += rows;
     }
   }
@@ -223,16 +219,9 @@ TARGET_AVX2 void blocks_avx2(const float* x, int64_t M, int64_t K, const char* w
         const int64_t rows = (M - m) / (rt - i);
         const float* xm = x + m * K;
         float* ym = y + m * N + nb * NB;
-#define TILE(n) tile_avx2<n>(xm, K, wb, h, ym, N, cols, next, h * rt + i, nt)
-        switch (rows) {
-          case 6: TILE(6); break;
-          case 5: TILE(5); break;
-          case 4: TILE(4); break;
-          case 3: TILE(3); break;
-          case 2: TILE(2); break;
-          default: TILE(1); break;
-        }
-#undef TILE
+        with_rows<MR2>(rows, [&](auto r) TARGET_AVX2 {
+          tile_avx2<decltype(r)::value>(xm, K, wb, h, ym, N, cols, next, h * rt + i, nt);
+        });
         m += rows;
       }
   }
