@@ -39,7 +39,10 @@ def test_manifest_records_every_graph(tiny_aoti_engine):
                                        "verify2@32", "verify2@128"])
     for name, g in m.graphs.items():
         assert (tiny_aoti_engine / g["file"]).stat().st_size == g["bytes"]
-        assert max(g["rel_err"].values()) <= 1e-4, name  # the float32 bound the build enforced
+        # The float32 bound the build enforced, against eager; an int8 draft against the draft in the
+        # model's own weights, within twice eager int8's own distance from it.
+        assert all(g["rel_err"][k] <= 2 * g["eager_rel_err"][k] + 1e-4 for k in g["rel_err"]), name
+        assert max(g["eager_rel_err"].values()) == 0 or (name == "draft" and m.draft_int8), name
     assert m.versions["torch"] == torch.__version__ and len(m.model_sha256) == 64
     # The instruction sets Inductor compiled for and the linear kernels need, all of which this CPU has.
     assert m.packed_linears == (linear.BLOCK if linear.wanted(torch.float32, "cpu") else 0)
