@@ -11,7 +11,8 @@ with the step computed in float32 (the same weights, upcast). The error of an ou
 over its tokens, of the relative error ``||x - ref|| / ||ref||`` of each token's logits or K/V
 vector; for the logits and the new K/V it must satisfy ``compiled <= 2 * eager + bound[dtype]``: a
 compiled graph may not be much less accurate than eager in its own dtype (in float32 the reference
-is eager itself, so the bound alone applies). The median, because in low precision a few tokens
+is eager itself, so the bound alone applies; a float32 engine's int8 draft is compared with the draft
+in the model's own weights). The median, because in low precision a few tokens
 on random inputs are chaotic (per-token errors above 1 for eager bf16 itself, measured), while a
 miscompiled graph is wrong on most tokens. The caches are filled with K/V the model itself produced
 (a prefill of random tokens): random normal caches give near-uniform, ill-conditioned attention.
