@@ -65,7 +65,7 @@ def test_float32_kernel_matches_linear_and_its_paths_agree_bit_for_bit(M, N, K):
             assert ys[path].dtype == torch.float32 and ys[path].shape == (M, N)
             assert bool(((ys[path].double() - exact).abs() <= bound).all()), path
     finally:
-        attention.set_isa("auto")
+        attention.set_isa(attention.DEFAULT_ISA)
     assert all(torch.equal(y, ys["avx2"]) for y in ys.values())
 
 
@@ -122,7 +122,7 @@ def test_which_models_on_which_cpus_use_it(monkeypatch):
             attention.set_isa("portable")
             assert not linear.wanted(torch.float32, "cpu")
         finally:
-            attention.set_isa("auto")
+            attention.set_isa(attention.DEFAULT_ISA)
     monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert not linear.wanted(torch.bfloat16, "cpu")
     monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
@@ -324,4 +324,4 @@ def test_a_float32_engine_packs_its_linears_and_both_paths_decode_alike(tiny_eng
         attention.set_isa("avx2")
         assert [r.token_ids for r in rt.generate(MIXED, max_new_tokens=20, gamma=3)] == want
     finally:
-        attention.set_isa("auto")
+        attention.set_isa(attention.DEFAULT_ISA)
