@@ -74,11 +74,12 @@ def main(argv=None) -> int:
     # name: (kind, fused, bytes per weight, the CPU ops' instruction set)
     kinds = {"kernel": ("packed", False, size, isa), "kernel, fused q/k/v and gate/up": ("packed", True, size, isa),
              "kernel, AVX2 path": ("packed", False, size, "avx2"),
-             "int8 kernel (draft)": ("int8", False, 1, isa), "F.linear": ("F", False, size, isa)}
+             "int8 kernel (draft)": ("int8", False, 1, isa), "int8 kernel (draft), AVX2 path": ("int8", False, 1, "avx2"),
+             "F.linear": ("F", False, size, isa)}
     if dtype == torch.float32:
         del kinds["kernel, fused q/k/v and gate/up"]
     if dtype != torch.float32 or attention.set_isa() == "avx2":  # bf16 has no AVX2 path; else it is the kernel
-        del kinds["kernel, AVX2 path"]
+        del kinds["kernel, AVX2 path"], kinds["int8 kernel (draft), AVX2 path"]
     if not linear.int8_wanted(dtype, "cpu"):
         del kinds["int8 kernel (draft)"]
     cases = {}

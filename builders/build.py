@@ -134,8 +134,8 @@ def build_engine(
     .gguf) drafts instead of the target over its sparse cache: it must share the target's
     tokenizer; one process; compiled like the target. ``draft_positions``: the draft's keys at their
     original positions, or at StreamingLLM's positions inside its cache (``"cache"``).
-    ``draft_weights``: the draft step's linear weights, ``"int8"`` (``linear.py``; CPUs with
-    AVX512-VNNI, and AVX512-BF16 for bf16 engines), ``"target"`` (the engine's own) or ``"auto"``
+    ``draft_weights``: the draft step's linear weights, ``"int8"`` (``linear.py``; float32
+    engines on CPUs with AVX2 and FMA, bf16 ones with AVX512-VNNI and AVX512-BF16), ``"target"`` (the engine's own) or ``"auto"``
     (int8 where it can run)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
     if dtype == "auto":
@@ -155,8 +155,9 @@ def build_engine(
         raise EngineError(f"draft_weights {draft_weights!r} is not supported; choose one of {', '.join(DRAFT_WEIGHTS)}")
     int8_here = linear.int8_wanted(DTYPES[dtype], device)
     if draft_weights == "int8" and not int8_here:
-        raise EngineError(f"draft_weights int8 needs a CPU with AVX512-VNNI (and AVX512-BF16 for a bfloat16 engine) "
-                          f"and no AMX; this is {dtype} on {device} ({cpu.model_name()}): use --draft-weights target")
+        raise EngineError(f"draft_weights int8 needs a CPU with AVX2 and FMA for a float32 engine, AVX512-VNNI and "
+                          f"AVX512-BF16 for a bfloat16 one, and no AMX; this is {dtype} on {device} ({cpu.model_name()}): "
+                          "use --draft-weights target")
     draft_int8 = draft_weights == "int8" or (draft_weights == "auto" and int8_here)
     source = embedded_model_path() if model is None else Path(model)
     out = Path(out_dir)
@@ -235,7 +236,7 @@ def build_engine(
         # CPU graphs need what Inductor compiled for, and what the linear kernel needs where they call
         # it (AVX512-BF16 in bf16, AVX2 and FMA in float32).
         cpu_isa=sorted(set(cpu.compiled_isa()) | (set(linear.isa(DTYPES[dtype])) if packed else set())
-                       | ({"avx512_vnni"} if draft_int8 else set())) if compiled_cpu else [],
+                       | (set(linear.int8_isa(DTYPES[dtype])) if draft_int8 else set())) if compiled_cpu else [],
         packed_linears=linear.BLOCK if packed else 0,
         cpu_threads=torch.get_num_threads() if compiled_cpu else 0,
         draft_model=None if drafter is None else ModelConfig.from_hf(drafter[0]),
@@ -398,7 +399,8 @@ def main(argv=None) -> int:
                    help="the draft's key positions: original, or StreamingLLM's inside the draft cache (the kept "
                    "tokens before the recent ring moved up to just before it)")
     p.add_argument("--draft-weights", default="auto", choices=list(DRAFT_WEIGHTS),
-                   help="the draft step's linear weights: int8 (CPUs with AVX512-VNNI, and AVX512-BF16 for bf16: "
+                   help="the draft step's linear weights: int8 (float32 engines on CPUs with AVX2 and FMA, bf16 ones with "
+                   "AVX512-VNNI and AVX512-BF16: "
                    "1 byte per weight; the verify keeps the model's), target (the engine's own), auto (int8 where it can run)")
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")

@@ -124,12 +124,21 @@ def isa(dtype: torch.dtype) -> list[str]:
 
 
 def int8_wanted(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether the draft step of such a model runs int8 linears here: ``linear_q8`` needs AVX512-VNNI
-    (and AVX512-BF16 for a bf16 model). Not on AMX CPUs, where it was not measured against oneDNN."""
+    """Whether the draft step of such a model runs int8 linears here (``linear_q8``): a float32 model
+    wherever its float32 linears run the kernel (``wanted``: ``vpdpbusd`` on CPUs with AVX512-VNNI,
+    ``vpmaddubsw`` on the AVX2 path), a bf16 model on CPUs with AVX512-VNNI and AVX512-BF16. Not on
+    AMX CPUs, where it was not measured against oneDNN."""
     f = cpu.flags()
-    return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and {"avx512bw", "avx512vl", "avx512_vnni"} <= f and (dtype == torch.float32 or "avx512_bf16" in f)
-            and "amx_bf16" not in f and attention.kernel_available())
+    if torch.device(device).type != "cpu" or "amx_bf16" in f:
+        return False
+    if dtype == torch.bfloat16:
+        return {"avx512bw", "avx512vl", *int8_isa(dtype)} <= f and attention.kernel_available()
+    return dtype == torch.float32 and wanted(dtype, device)
+
+
+def int8_isa(dtype: torch.dtype) -> list[str]:
+    """The instruction sets (cpuinfo names) ``linear_q8`` needs for a model of ``dtype``."""
+    return ["avx512_bf16", "avx512_vnni"] if dtype == torch.bfloat16 else isa(dtype)
 
 
 def _linears(model: nn.Module, multiple: int) -> list[Linear]:

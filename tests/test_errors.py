@@ -131,8 +131,8 @@ def test_missing_weights(engine_copy):
         (["--backend", "onnx"], "argument --backend: invalid choice: 'onnx'"),
         (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
         (["--draft-weights", "int4"], "argument --draft-weights: invalid choice: 'int4'"),
-        (["--dtype", "float16", "--draft-weights", "int8"], "draft_weights int8 needs a CPU with AVX512-VNNI (and "
-         "AVX512-BF16 for a bfloat16 engine) and no AMX; this is float16 on cpu"),
+        (["--dtype", "float16", "--draft-weights", "int8"], "draft_weights int8 needs a CPU with AVX2 and FMA for a "
+         "float32 engine, AVX512-VNNI and AVX512-BF16 for a bfloat16 one, and no AMX; this is float16 on cpu"),
     ],
 )
 def test_build_cli_errors_are_one_line_exit_2(argv, message, capsys, tmp_path):

@@ -221,6 +221,34 @@ def test_q8_kernel_equals_its_reference(M, N, K, dtype):
     assert (y.float() - ref).norm() <= 0.03 * ref.norm()
 
 
+# The float32 int8 paths this CPU runs: vpmaddubsw (AVX2), and vpdpbusd where it has AVX512-VNNI.
+Q8_F32_PATHS = ["avx2"] + (["avx512"] if {"avx512bw", "avx512vl", "avx512_vnni"} <= cpu.flags() else [])
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (16, 576, 576), (16, 192, 1536), (7, 100, 4), (64, 1536, 576),
+                                   (13, 33, 68), (5, 40, 12), (3, 1, 8)])
+def test_q8_float32_paths_equal_the_reference(M, N, K):
+    """The AVX2 path multiplies |w| by q with w's sign (vpmaddubsw: a pair sum is at most
+    2 * 127 * 127 < 2^15) and widens the pairs (vpmaddwd), so its integer sums are exact: it equals
+    ``q8_reference``, and the VNNI path, bit for bit; also where every product is +-127 * 127 and
+    pairs agree in sign (a saturating pair sum, as vpmaddubsw of q + 128 would give, shows there)."""
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.1
+    x[M // 2] = 0
+    sign = lambda n: 1 - 2 * ((torch.arange(n * K) // 2) % 3 == 0).float().view(n, K)  # noqa: E731
+    for x, w in ((x, w), (sign(M), sign(N))):
+        w8, scale = linear.quantize(w)
+        ref = linear.q8_reference(x, w8, scale)
+        for path in Q8_F32_PATHS:
+            try:
+                attention.set_isa(path)
+                assert torch.equal(torch.ops.magicdec.linear_q8(x, *linear.pack_q8(w8, scale), N), ref), path
+            finally:
+                attention.set_isa(attention.DEFAULT_ISA)
+    assert ref.abs().max() == K and not linear.q8_reference(x * 0, w8, scale).any()
+
+
 def test_q8_packing_layout_and_sums():
     w = (torch.arange(40 * 8, dtype=torch.float32).view(40, 8) - 100).bfloat16()
     w8, scale = linear.quantize(w)
@@ -244,18 +272,30 @@ def test_q8_bad_inputs_are_refused():
         torch.ops.magicdec.linear_q8(torch.randn(2, 8).bfloat16(), p, s[:32], ws, 64)
 
 
-def test_int8_drafts_need_vnni_and_for_bf16_models_avx512_bf16(monkeypatch):
+def test_int8_drafts_run_where_float32_linears_do_and_for_bf16_models_need_vnni(monkeypatch):
     assert not linear.int8_wanted(torch.float16, "cpu") and not linear.int8_wanted(torch.float32, "cuda")
-    avx512 = {"avx512f", "avx512bw", "avx512vl"}
-    monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx2", "avx512_bf16"}))
-    assert not linear.int8_wanted(torch.bfloat16, "cpu") and not linear.int8_wanted(torch.float32, "cpu")
+    here = attention.kernel_available() and attention.set_isa() != "portable"
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2-only CPU: vpmaddubsw
+    assert linear.int8_wanted(torch.float32, "cpu") == here and not linear.int8_wanted(torch.bfloat16, "cpu")
+    assert linear.int8_isa(torch.float32) == ["avx2", "fma"]
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"avx", "sse4_2"}))
+    assert not linear.int8_wanted(torch.float32, "cpu")
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx512_bf16"}))
+    assert not linear.int8_wanted(torch.bfloat16, "cpu") and linear.int8_wanted(torch.float32, "cpu") == here
     monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx512_vnni"}))  # e.g. Ice Lake
-    assert not linear.int8_wanted(torch.bfloat16, "cpu")
-    assert linear.int8_wanted(torch.float32, "cpu") == attention.kernel_available()
+    assert not linear.int8_wanted(torch.bfloat16, "cpu") and linear.int8_wanted(torch.float32, "cpu") == here
     monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx512_bf16", "avx512_vnni", "amx_bf16"}))
     assert not linear.int8_wanted(torch.bfloat16, "cpu") and not linear.int8_wanted(torch.float32, "cpu")
     monkeypatch.setattr(cpu, "flags", lambda: frozenset(avx512 | {"avx512_bf16", "avx512_vnni"}))
     assert linear.int8_wanted(torch.bfloat16, "cpu") == attention.kernel_available()
+    assert linear.int8_isa(torch.bfloat16) == ["avx512_bf16", "avx512_vnni"]
+    if attention.kernel_available():  # the portable path runs no packed linears, float32 or int8
+        try:
+            attention.set_isa("portable")
+            assert not linear.int8_wanted(torch.float32, "cpu")
+        finally:
+            attention.set_isa(attention.DEFAULT_ISA)
 
 
 @needs_q8
@@ -298,9 +338,10 @@ def test_draft_weights_are_checked(tiny_hf, tmp_path, monkeypatch):
     with pytest.raises(EngineError, match="draft_weights 'int4' is not supported; choose one of auto, int8, target"):
         build_engine(tmp_path / "e", tiny_hf, draft_weights="int4", **TINY)
     with monkeypatch.context() as m:
-        m.setattr(cpu, "flags", lambda: frozenset({"avx2", "fma"}))
-        with pytest.raises(EngineError, match=r"draft_weights int8 needs a CPU with AVX512-VNNI \(and AVX512-BF16 for a "
-                           r"bfloat16 engine\) and no AMX; this is float32 on cpu \(.*\): use --draft-weights target"):
+        m.setattr(cpu, "flags", lambda: frozenset({"avx", "sse4_2"}))  # no AVX2
+        with pytest.raises(EngineError, match=r"draft_weights int8 needs a CPU with AVX2 and FMA for a float32 engine, "
+                           r"AVX512-VNNI and AVX512-BF16 for a bfloat16 one, and no AMX; this is float32 on cpu \(.*\): "
+                           r"use --draft-weights target"):
             build_engine(tmp_path / "e", tiny_hf, dtype="float32", draft_weights="int8", **TINY)
         assert not read_manifest(build_engine(tmp_path / "a", tiny_hf, **TINY)).draft_int8  # auto: not here
     engine = build_engine(tmp_path / "t", tiny_hf, dtype="bfloat16", draft_weights="target", **TINY)

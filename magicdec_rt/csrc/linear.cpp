@@ -1,6 +1,7 @@
 // torch.ops.magicdec.linear and torch.ops.magicdec.linear_q8: y = x W^T, the first for bfloat16
 // activations and weights on CPUs with AVX512-BF16 or float32 ones on CPUs with AVX2 and FMA, the
-// second for int8 weights on CPUs with AVX512-VNNI (bfloat16 activations also need AVX512-BF16).
+// second for int8 weights: float32 activations on CPUs with AVX512-VNNI or (a slower path) AVX2,
+// bfloat16 ones on CPUs with AVX512-VNNI and AVX512-BF16.
 //
 // Semantics (the specifications and test oracles are torch.nn.functional.linear and
 // magicdec_rt/linear.py: q8_reference, which also packs the weights):
@@ -38,6 +39,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -227,6 +230,111 @@ TARGET_AVX2 void blocks_avx2(const float* x, int64_t M, int64_t K, const char* w
   }
 }
 
+// int8 on CPUs with AVX2 but no AVX512-VNNI: x quantized to signed bytes q (not q + 128: vpmaddubsw
+// would saturate), multiplied by vpmaddubsw as |w| times q with w's sign (a pair sum is at most
+// 2 * 127 * 127 < 2^15, so exact) and widened to int32 by vpmaddwd against ones. The int32 sums
+// are sum_k q[k] W8[n, k] exactly, the same integers the VNNI tile gets; the epilogue is the same
+// float32 arithmetic, so both paths give equal outputs. Rows [0, R) of x times half h of a block,
+// prefetching as tile_avx2. 4 rows: 8 sums, 2 weight vectors and their absolute values, ones and
+// the broadcast fit in 16 registers.
+constexpr int MRQ = 4;
+
+template <int R>
+TARGET_AVX2 INLINE void tile_q8_avx2(const int8_t* x, int64_t K, const char* w, int h, float* y, int64_t ldy,
+                                     int cols, const char* next, int64_t i, int64_t nt, const Dequant& dq,
+                                     int64_t row0, int64_t col0) {
+  __m256i c[R][2];
+  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t steps = K / 4;
+  int64_t phase = i * steps % nt, ahead = (i * steps + nt - 1) / nt;
+  for (int64_t p = 0; p < steps; ++p) {
+    const char* wp = w + p * STEP + 64 * h;
+    const bool fetch = phase == 0;
+    if (++phase == nt) phase = 0;
+    if (next && fetch) {
+      const char* np = next + ahead++ * STEP;
+      _mm_prefetch(np, _MM_HINT_T0);
+      _mm_prefetch(np + 64, _MM_HINT_T0);
+    }
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
+    const __m256i a0 = _mm256_abs_epi8(v0), a1 = _mm256_abs_epi8(v1);
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * K + 4 * p, sizeof four);
+      const __m256i b = _mm256_set1_epi32(four);
+      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(b, v0)), ones));
+      c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(b, v1)), ones));
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 2; ++j) {
+      const int left = cols - 16 * h - 8 * j;
+      if (left <= 0) break;
+      const int64_t f = col0 + 16 * h + 8 * j;
+      const __m256 out = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c[r][j]), _mm256_set1_ps(dq.row_scale[row0 + r])),
+                                       _mm256_loadu_ps(dq.scale + f));
+      float* o = y + r * ldy + 16 * h + 8 * j;
+      if (left >= 8)
+        _mm256_storeu_ps(o, out);
+      else
+        _mm256_maskstore_ps(o, _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane), out);
+    }
+}
+
+TARGET_AVX2 void blocks_q8_avx2(const int8_t* x, int64_t M, int64_t K, const char* w, float* y, int64_t N,
+                                const Dequant& dq, int64_t begin, int64_t end) {
+  for (int64_t nb = begin; nb < end; ++nb) {
+    const char* wb = w + nb * K / 4 * STEP;
+    const int cols = int(std::min<int64_t>(NB, N - nb * NB));
+    const int64_t halves = cols > 16 ? 2 : 1, rt = (M + MRQ - 1) / MRQ, nt = halves * rt;
+    const char* next = nb + 1 < end ? wb + K / 4 * STEP : nullptr;
+    for (int h = 0; h < halves; ++h)
+      for (int64_t i = 0, m = 0; i < rt; ++i) {
+        const int64_t rows = (M - m) / (rt - i);
+        with_rows<MRQ>(rows, [&](auto r) TARGET_AVX2 {
+          tile_q8_avx2<decltype(r)::value>(x + m * K, K, wb, h, y + m * N + nb * NB, N, cols, next, h * rt + i, nt, dq,
+                                           m, nb * NB);
+        });
+        m += rows;
+      }
+  }
+}
+
+// float32 rows of x [M, K] (K a multiple of 4) to signed bytes q as quantize below makes them (q + 128
+// there), with AVX2: the same float32 products and round-half-even conversion.
+TARGET_AVX2 void quantize_avx2(const float* x, int64_t M, int64_t K, int8_t* q, float* row_scale) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m256 amax = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(row + k), absmask));
+    float a = 0.f;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax);
+    for (float v : lanes) a = std::max(a, v);
+    for (int64_t t = k; t < K; ++t) a = std::max(a, std::fabs(row[t]));
+    const float inv = a > 0.f ? 127.f / a : 0.f;
+    row_scale[m] = a / 127.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (k = 0; k + 8 <= K; k += 8) {
+      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), vinv));  // MXCSR: nearest even
+      v = _mm256_min_epi32(_mm256_max_epi32(v, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+      v = _mm256_shuffle_epi8(v, low_bytes);
+      const int32_t lo = _mm256_extract_epi32(v, 0), hi = _mm256_extract_epi32(v, 4);
+      std::memcpy(q + m * K + k, &lo, 4);
+      std::memcpy(q + m * K + k + 4, &hi, 4);
+    }
+    for (int64_t t = k; t < K; ++t)
+      q[m * K + t] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(row[t] * inv))));
+  }
+}
+
 TARGET INLINE __m512 load16(const uint16_t* p, __mmask16 keep) {  // bf16
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
 }
@@ -336,7 +444,11 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& packed, const at
                   wsum.scalar_type() == at::kInt && wsum.dim() == 1 && wsum.size(0) == padded,
               "linear_q8: scale must be float32 and wsum int32, both [", padded, "]");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(supported(bf16, true), "linear_q8: this CPU has no AVX512-VNNI", bf16 ? " and AVX512-BF16" : "",
+  // float32: the VNNI tile unless the CPU ops were forced to a narrower instruction set.
+  const std::string isa = magicdec::kernel_isa();
+  const bool vnni = supported(bf16, true) && (bf16 || isa == "avx512bf16" || isa == "avx512");
+  TORCH_CHECK(vnni || (!bf16 && supported_avx2()),
+              bf16 ? "linear_q8: this CPU has no AVX512-VNNI and AVX512-BF16" : "linear_q8: this CPU has no AVX2",
               "; use the layer's own weights");
   const at::Tensor xc = x.contiguous(), wc = packed.contiguous(), sc = scale.contiguous(), ws = wsum.contiguous();
   const int64_t K = x.size(-1), M = x.numel() / K;
@@ -354,10 +466,15 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& packed, const at
     quantize(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, qs, rs);
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
     at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<Kind::Q8>(xp, M, K, wp, yp, n, dq, b, e); });
-  } else {
+  } else if (vnni) {
     quantize(xc.data_ptr<float>(), M, K, qs, rs);
     auto* yp = y.data_ptr<float>();
     at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks<Kind::Q8>(xp, M, K, wp, yp, n, dq, b, e); });
+  } else {
+    auto* q = reinterpret_cast<int8_t*>(qs);
+    quantize_avx2(xc.data_ptr<float>(), M, K, q, rs);
+    auto* yp = y.data_ptr<float>();
+    at::parallel_for(0, packed.size(0), 1, [&](int64_t b, int64_t e) { blocks_q8_avx2(q, M, K, wp, yp, n, dq, b, e); });
   }
 #endif
   return y;
