@@ -110,8 +110,8 @@ def test_every_isa_path_agrees_with_the_portable_one(isa, dtype):
     if isa == "avx512bf16" and dtype == torch.bfloat16:  # bf16 softmax weights: the bound above
         ref_abs = attention.reference(q, kc, vc.abs(), lengths, kn, vn.abs(), 0.125)
         assert bool(((outs[isa] - outs["portable"]).abs() <= 2 * REL[dtype] * ref_abs).all())  # both err
-    else:
-        torch.testing.assert_close(outs[isa], outs["portable"], rtol=1e-5, atol=1e-6)
+    else:  # float32 sums in another order (and FMA against mul + add): a bf16 output may round apart, by one ulp
+        torch.testing.assert_close(outs[isa], outs["portable"], rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-6)
 
 
 def test_bad_inputs_name_what_is_wrong():

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -122,6 +123,16 @@ struct Vec {
     F16 h; std::memcpy(&h, p, sizeof h);
     return __builtin_convertvector(h, F);
   }
+  // 32 bfloat16 as 16 32-bit words: the even elements (low halves shifted up) to out [0, 16), the
+  // odd ones (high halves masked) to out [16, 32). Two instructions per 2N elements, against four
+  // for widen; the layout is the same for every N, so each path sums in the same order.
+  static INLINE void widen_pairs(const uint16_t* p, float* out) {
+    for (int v = 0; v < 16 / N; ++v) {
+      U w; std::memcpy(&w, p + 2 * N * v, sizeof w);
+      store(out + N * v, (F)(w << 16));
+      store(out + 16 + N * v, (F)(w & 0xffff0000u));
+    }
+  }
 
   // 2^x for x <= 0 to ~2e-7 relative: x = n + f, |f| <= 1/2, e^(f ln2) by its degree-6 Taylor
   // polynomial (truncation error (ln2/2)^7/7! ~ 1.2e-7). Inputs below -126 give 2^-126.
@@ -141,6 +152,18 @@ struct Kernel {
   using V = Vec<N>;
   using F = typename V::F;
   static constexpr int C = D / N;  // vectors per key row
+
+  // bf16 caches are widened a pair of dims at a time (Vec::widen_pairs), so a widened row holds each
+  // chunk of 32 dims even dims first, then odd ones; queries are read and sums kept in that order,
+  // and merge writes the output back in dim order. Position p of such a row holds dim(p).
+  static constexpr int dim(int p) { return p / 32 * 32 + (p % 32 < 16 ? 2 * (p % 16) : 2 * (p % 16) + 1); }
+  // Rows [0, R) of q in widened order when `pairs`, else q itself.
+  static INLINE const float* in_order(const float* q, int64_t R, bool pairs, float* buf) {
+    if (!pairs) return q;
+    for (int64_t i = 0; i < R; ++i)
+      for (int p = 0; p < D; ++p) buf[i * D + p] = q[i * D + dim(p)];
+    return buf;
+  }
   // P·V register tile: RT query rows x CC vectors of dims. AVX-512 has 32 vector registers: a whole
   // row (C <= 8 vectors) per tile row, up to 16 sums. AVX2 and SSE have 16: 4 rows x 2 vectors, so
   // each V vector loaded serves 4 rows and nothing spills (a whole row, 2 x 8 sums at d 64, spilled:
@@ -149,21 +172,36 @@ struct Kernel {
   static constexpr int RT = N == 16 ? (16 / C < 1 ? 1 : (16 / C > 4 ? 4 : 16 / C)) : 4;
 
   // acc[i] = acc[i] * corr[i] + sum_j P(i, j) V[j] for query rows i < rows (P(i, j) = P[i*si + j*sj]),
-  // RT rows x CC dim vectors at a time with their accumulators in registers.
+  // RT rows x CC dim vectors at a time with their sums in registers; a last tile of fewer rows
+  // computes only those (a tile of RT rows for 1-3 left over, as for a verify block's last query
+  // row on the 16-register paths, multiplied up to 4x the row's products).
   static INLINE void pv(float* acc, int rows, const float* P, int si, int sj, const float* corr, const float* Vf, int nk) {
-    for (int c0 = 0; c0 < C; c0 += CC)
-      for (int i0 = 0; i0 < rows; i0 += RT) {
-        F a[RT][CC];
-        for (int r = 0; r < RT; ++r)
-          for (int c = 0; c < CC; ++c) a[r][c] = V::load(acc + (i0 + r) * D + (c0 + c) * N) * corr[i0 + r];
-        for (int j = 0; j < nk; ++j)
-          for (int c = 0; c < CC; ++c) {
-            F v = V::load(Vf + j * D + (c0 + c) * N);
-            for (int r = 0; r < RT; ++r) a[r][c] += P[(i0 + r) * si + j * sj] * v;
-          }
-        for (int r = 0; r < RT; ++r)
-          for (int c = 0; c < CC; ++c) V::store(acc + (i0 + r) * D + (c0 + c) * N, a[r][c]);
+    for (int c0 = 0; c0 < C; c0 += CC) {
+      int i0 = 0;
+      for (; i0 + RT <= rows; i0 += RT) pv_rows<RT>(acc + i0 * D, P + i0 * si, si, sj, corr + i0, Vf, nk, c0);
+      if (i0 < rows) pv_tail(rows - i0, acc + i0 * D, P + i0 * si, si, sj, corr + i0, Vf, nk, c0);
+    }
+  }
+  template <int R>
+  static INLINE void pv_rows(float* acc, const float* P, int si, int sj, const float* corr, const float* Vf, int nk, int c0) {
+    F a[R][CC];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CC; ++c) a[r][c] = V::load(acc + r * D + (c0 + c) * N) * corr[r];
+    for (int j = 0; j < nk; ++j)
+      for (int c = 0; c < CC; ++c) {
+        F v = V::load(Vf + j * D + (c0 + c) * N);
+        for (int r = 0; r < R; ++r) a[r][c] += P[r * si + j * sj] * v;
       }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CC; ++c) V::store(acc + r * D + (c0 + c) * N, a[r][c]);
+  }
+  // pv_rows<left> for 0 < left <= R.
+  template <int R = RT - 1>
+  static INLINE void pv_tail(int left, float* acc, const float* P, int si, int sj, const float* corr, const float* Vf,
+                             int nk, int c0) {
+    if constexpr (R > 1)
+      if (left < R) return pv_tail<R - 1>(left, acc, P, si, sj, corr, Vf, nk, c0);
+    if constexpr (R >= 1) pv_rows<R>(acc, P, si, sj, corr, Vf, nk, c0);
   }
 
   // Rows in lanes: one block of nk <= KB keys (float32 rows Kf, Vf [KB][D]) for the N query rows
@@ -247,7 +285,7 @@ struct Kernel {
       mx = V::max(mx, s[v]);
     }
     const float m_new = std::max(m, butterfly_max(mx)[0]);  // finite: nk >= 1
-    const float corr = std::exp2(m - m_new);
+    const float corr = m_new == m ? 1.0f : std::exp2(m - m_new);  // the max rarely moves: skip the call
     F sum = F{};
     for (int v = 0; v < NV; ++v) {
       s[v] = s[v] == ninf ? F{} : V::exp2(s[v] - m_new);
@@ -262,7 +300,7 @@ struct Kernel {
   // D (C FMAs each) folded together; then the softmax runs over full vectors of keys.
   static INLINE void block_natural(const float* q, float qscale, int R, const float* Kf, const float* Vf, int nk,
                                    float* m, float* l, float* acc) {
-    alignas(64) float P[MAX_NATURAL * KB] = {}, cr[MAX_NATURAL + 4] = {};
+    alignas(64) float P[MAX_NATURAL * KB], cr[MAX_NATURAL];
     for (int i = 0; i < R; ++i) {
       F qv[C];
       for (int c = 0; c < C; ++c) qv[c] = V::load(q + i * D + c * N) * qscale;
@@ -282,12 +320,13 @@ struct Kernel {
     pv(acc, R, P, KB, 1, cr, Vf, nk);
   }
 
-  // Lane group g of a query block [R][D] transposed into Qt [D][N] (rows past R are zero).
-  static INLINE int transpose(const float* q, float qscale, int64_t R, int64_t g, float* Qt) {
+  // Lane group g of a query block [R][D] transposed into Qt [D][N] (rows past R are zero), its dims
+  // in widened order when `pairs`.
+  static INLINE int transpose(const float* q, float qscale, int64_t R, int64_t g, bool pairs, float* Qt) {
     int rows = int(std::min<int64_t>(N, R - g * N));
     std::memset(Qt, 0, sizeof(float) * D * N);
     for (int i = 0; i < rows; ++i)
-      for (int k = 0; k < D; ++k) Qt[k * N + i] = q[(g * N + i) * D + k] * qscale;
+      for (int k = 0; k < D; ++k) Qt[k * N + i] = q[(g * N + i) * D + (pairs ? dim(k) : k)] * qscale;
     return rows;
   }
 
@@ -298,9 +337,10 @@ struct Kernel {
     if (lo >= hi) return;
     const KT* kc = static_cast<const KT*>(a.kc) + bh * a.S * D;
     const KT* vc = static_cast<const KT*>(a.vc) + bh * a.S * D;
-    alignas(64) float Kf[KB * D], Vf[KB * D];
+    alignas(64) float Kf[KB * D], Vf[KB * D], qn[MAX_NATURAL * D];
+    constexpr bool pairs = std::is_same_v<KT, uint16_t>;
     if (natural(a.R)) {
-      const float* q = a.q + bh * a.R * D;
+      const float* q = in_order(a.q + bh * a.R * D, a.R, pairs, qn);
       for (int64_t s = lo; s < hi; s += KB) {
         const int nk = widen(kc, vc, s, hi, Kf, Vf);
         block_natural(q, a.qscale, int(a.R), Kf, Vf, nk, m, l, acc);
@@ -317,7 +357,8 @@ struct Kernel {
       const int64_t ng = std::min<int64_t>(GC, lane_groups - g0), tail = lane_groups * N;
       const bool with_tail = g0 + ng == lane_groups && tail < R;
       int rows[GC];
-      for (int64_t g = 0; g < ng; ++g) rows[g] = transpose(q, a.qscale, R, g0 + g, Qt[g]);
+      for (int64_t g = 0; g < ng; ++g) rows[g] = transpose(q, a.qscale, R, g0 + g, pairs, Qt[g]);
+      const float* qt = with_tail ? in_order(q + tail * D, R - tail, pairs, qn) : nullptr;
       for (int64_t s = lo; s < hi; s += KB) {
         const int nk = widen(kc, vc, s, hi, Kf, Vf);
         for (int64_t g = 0; g < ng; ++g) {
@@ -325,7 +366,7 @@ struct Kernel {
           block(Qt[g], rows[g], Kf, Vf, nk, nullptr, 0, m + o, l + o, acc + o * D);
         }
         if (with_tail)
-          block_natural(q + tail * D, a.qscale, int(R - tail), Kf, Vf, nk, m + tail, l + tail, acc + tail * D);
+          block_natural(qt, a.qscale, int(R - tail), Kf, Vf, nk, m + tail, l + tail, acc + tail * D);
       }
     }
   }
@@ -337,9 +378,16 @@ struct Kernel {
   static INLINE int widen(const KT* kc, const KT* vc, int64_t s, int64_t hi, float* Kf, float* Vf) {
     const int nk = int(std::min<int64_t>(KB, hi - s));
     for (int j = 0; j < nk; ++j)
-      for (int c = 0; c < C; ++c) {
-        V::store(Kf + j * D + c * N, V::widen(kc + (s + j) * D + c * N));
-        V::store(Vf + j * D + c * N, V::widen(vc + (s + j) * D + c * N));
+      if constexpr (std::is_same_v<KT, uint16_t>) {
+        for (int c = 0; c < D; c += 32) {
+          V::widen_pairs(kc + (s + j) * D + c, Kf + j * D + c);
+          V::widen_pairs(vc + (s + j) * D + c, Vf + j * D + c);
+        }
+      } else {
+        for (int c = 0; c < C; ++c) {
+          V::store(Kf + j * D + c * N, V::widen(kc + (s + j) * D + c * N));
+          V::store(Vf + j * D + c * N, V::widen(vc + (s + j) * D + c * N));
+        }
       }
     for (int j = nk; j < KB; ++j)  // finite scores for the unused keys (masked afterwards)
       std::memset(Kf + j * D, 0, sizeof(float) * D);
@@ -347,7 +395,8 @@ struct Kernel {
   }
 
   // Per (b, h): merge the splits, attend to the block's own keys, normalise, write the output.
-  static INLINE void merge(const Args& a, int64_t bh) {
+  // `pairs`: the items kept their sums in widened bf16 order (item<uint16_t>).
+  static INLINE void merge(const Args& a, int64_t bh, bool pairs) {
     const int64_t Rp = a.rows_padded, groups = Rp / N;
     float* m = a.m + bh * a.splits * Rp;
     float* l = a.l + bh * a.splits * Rp;
@@ -369,22 +418,26 @@ struct Kernel {
     if (a.kn) {
       const float* kn = a.kn + bh * a.T * D;
       const float* vn = a.vn + bh * a.T * D;
-      alignas(64) float Qt[D * N], t[N];
+      alignas(64) float Qt[D * N], t[N], Kf[KB * D], Vf[KB * D];
       for (int64_t g = 0; g < groups; ++g) {
-        const int rows = transpose(a.q + bh * a.R * D, a.qscale, a.R, g, Qt);
+        const int rows = transpose(a.q + bh * a.R * D, a.qscale, a.R, g, pairs, Qt);
         for (int i = 0; i < N; ++i) t[i] = float((g * N + i) % a.T);
         for (int64_t s = 0; s < a.T; s += KB) {
           const int nk = int(std::min<int64_t>(KB, a.T - s));
-          alignas(64) float Kf[KB * D];
-          std::memcpy(Kf, kn + s * D, sizeof(float) * nk * D);
-          block(Qt, rows, Kf, vn + s * D, nk, t, int(s), m + g * N, l + g * N, acc + g * N * D);
+          if (pairs) in_order(kn + s * D, nk, true, Kf);
+          else std::memcpy(Kf, kn + s * D, sizeof(float) * nk * D);  // block reads whole groups of 8 keys
+          const float* v = in_order(vn + s * D, nk, pairs, Vf);
+          block(Qt, rows, Kf, v, nk, t, int(s), m + g * N, l + g * N, acc + g * N * D);
         }
       }
     }
     float* out = a.out + bh * a.R * D;
     for (int64_t r = 0; r < a.R; ++r) {
-      const F inv = V::splat(l[r] > 0 ? 1.0f / l[r] : 0.0f);
-      for (int c = 0; c < C; ++c) V::store(out + r * D + c * N, V::load(acc + r * D + c * N) * inv);
+      const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+      if (pairs)
+        for (int p = 0; p < D; ++p) out[r * D + dim(p)] = acc[r * D + p] * inv;
+      else
+        for (int c = 0; c < C; ++c) V::store(out + r * D + c * N, V::load(acc + r * D + c * N) * V::splat(inv));
     }
   }
 };
@@ -405,10 +458,10 @@ INLINE void run_items(const Args& a, int64_t begin, int64_t end) {
 }
 
 template <int N>
-INLINE void run_merge(const Args& a, int64_t begin, int64_t end) {
+INLINE void run_merge(const Args& a, int64_t begin, int64_t end, bool pairs) {
   for (int64_t bh = begin; bh < end; ++bh) {
-    if (a.d == 64) Kernel<N, 64>::merge(a, bh);
-    else Kernel<N, 128>::merge(a, bh);
+    if (a.d == 64) Kernel<N, 64>::merge(a, bh, pairs);
+    else Kernel<N, 128>::merge(a, bh, pairs);
   }
 }
 
@@ -659,17 +712,18 @@ __attribute__((target(ISA_AVX512BF16))) void items_avx512bf16(const Args& a, int
     else Bf16<128>::item(a, w, w + 1 == end);
   }
 }
-__attribute__((target(ISA_AVX512BF16))) void merge_avx512bf16(const Args& a, int64_t b, int64_t e) { run_merge<16>(a, b, e); }
+// Bf16::item leaves its sums in dim order.
+__attribute__((target(ISA_AVX512BF16))) void merge_avx512bf16(const Args& a, int64_t b, int64_t e) { run_merge<16>(a, b, e, false); }
 #endif
 
 #define ISA_AVX512 "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
 #define ISA_AVX2 "avx2,fma,f16c"
 __attribute__((target(ISA_AVX512))) void items_avx512(const Args& a, int64_t b, int64_t e) { run_items<16>(a, b, e); }
-__attribute__((target(ISA_AVX512))) void merge_avx512(const Args& a, int64_t b, int64_t e) { run_merge<16>(a, b, e); }
+__attribute__((target(ISA_AVX512))) void merge_avx512(const Args& a, int64_t b, int64_t e) { run_merge<16>(a, b, e, a.dtype == 1); }
 __attribute__((target(ISA_AVX2))) void items_avx2(const Args& a, int64_t b, int64_t e) { run_items<8>(a, b, e); }
-__attribute__((target(ISA_AVX2))) void merge_avx2(const Args& a, int64_t b, int64_t e) { run_merge<8>(a, b, e); }
+__attribute__((target(ISA_AVX2))) void merge_avx2(const Args& a, int64_t b, int64_t e) { run_merge<8>(a, b, e, a.dtype == 1); }
 void items_portable(const Args& a, int64_t b, int64_t e) { run_items<4>(a, b, e); }
-void merge_portable(const Args& a, int64_t b, int64_t e) { run_merge<4>(a, b, e); }
+void merge_portable(const Args& a, int64_t b, int64_t e) { run_merge<4>(a, b, e, a.dtype == 1); }
 
 struct Isa {
   const char* name;
