@@ -8,6 +8,8 @@ Loads the engine's eager steps twice, once with its linears packed for the kerne
 does where ``linear.wanted``) and once without, and times the AR step (verify at gamma 0), the
 verify at the engine's largest gamma up to 3 and the draft step at its full batch, with the caches
 filled to ``--context`` (random K/V): medians of each step's calls per round, ``--rounds`` rounds.
+An engine that drafts with its own weights also gets its draft step timed with int8 weights
+(``linear_q8``), where this CPU runs them, and every step's ratio to the AR step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from workload import ROOT, measure_bandwidth
 
 from magicdec_rt import attention, cpu, linear
 from magicdec_rt.engine import load_steps, read_manifest
+from magicdec_rt.model import DecodeStep
 
 
 def main(argv=None) -> int:
@@ -56,18 +59,26 @@ def main(argv=None) -> int:
     steps = {"AR": (f"verify0@{S}", step_inputs(model, B, 1, context, context), full, 4),
              f"verify gamma {gamma}": (f"verify{gamma}@{S}", step_inputs(model, B, gamma + 1, context, context), full, 3),
              "draft": ("draft", step_inputs(model, B, 1, context, m.draft_slots - 4), draft, 8)}
+    callers = {"kernel": kernel, "F.linear": plain}
+    if not m.draft_int8 and linear.quantize_linears(model):
+        steps["draft, int8 weights"] = ("draft",) + steps["draft"][1:]
+        draft_q8 = DecodeStep(model, int8=True)
+        callers["int8"] = lambda name, *inputs: draft_q8(*inputs)
     times = {}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for step, (name, (ids, pos, lengths), (k, v), n) in steps.items():
-                for label, e in (("kernel", kernel), ("F.linear", plain)):
-                    times.setdefault((step, label), []).append(
-                        time_ms(lambda: e(name, ids, pos, k, v, lengths), n))
-    print("\n| step | kernel, ms | F.linear, ms | speedup per round |\n|---|---|---|---|")
+                for label, e in callers.items():
+                    if (label == "int8") == (step == "draft, int8 weights"):
+                        times.setdefault((step, label), []).append(time_ms(lambda: e(name, ids, pos, k, v, lengths), n))
+    print("\n| step | kernel, ms | F.linear, ms | speedup per round | kernel / AR per round |\n|---|---|---|---|---|")
+    ar = times["AR", "kernel"]
+    fmt = lambda xs, f: " / ".join(f.format(x) for x in xs)  # noqa: E731
     for step in steps:
-        a, b = times[step, "kernel"], times[step, "F.linear"]
-        print(f"| {step} | {' / '.join(f'{x:.1f}' for x in a)} | {' / '.join(f'{x:.1f}' for x in b)} | "
-              f"{' / '.join(f'{y / x:.2f}x' for x, y in zip(a, b))} |")
+        a = times.get((step, "kernel")) or times[step, "int8"]
+        b = times.get((step, "F.linear"))
+        print(f"| {step} | {fmt(a, '{:.1f}')} | {fmt(b, '{:.1f}') if b else '-'} | "
+              f"{fmt([y / x for x, y in zip(a, b)], '{:.2f}x') if b else '-'} | {fmt([x / r for x, r in zip(a, ar)], '{:.3f}')} |")
     return 0
 
 

@@ -62,6 +62,7 @@ SHAPES = [  # B, kv, G, T, S, d
     (2, 1, 1, 7, 1500, 64),
     (5, 3, 3, 2, 17, 128),
     (3, 4, 3, 13, 64, 64),
+    (1, 3, 3, 40, 1100, 64),  # prefill-like: 120 rows merged in parts of 48, slots split evenly over threads
 ]
 
 

@@ -43,6 +43,7 @@ namespace {
 constexpr int KB = 16;          // keys per block
 constexpr int MAX_NATURAL = 12; // most query rows for the keys-in-lanes path
 constexpr int MIN_SPLIT = 512;  // fewest slots worth a thread of their own
+constexpr int MERGE_ROWS = 48;  // query rows per merge item (a multiple of every lane count)
 
 struct Args {
   const float* q;        // [B, kv, R, d]
@@ -56,7 +57,7 @@ struct Args {
   float* l;
   float* acc;
   float* out;            // [B, kv, R, d]
-  int64_t B, kv, R, S, T, d, splits, chunk, rows_padded;
+  int64_t B, kv, R, S, T, d, splits, chunk, rows_padded, merge_parts;  // merge item: (b, h, MERGE_ROWS rows)
   int dtype;             // 0 float32, 1 bfloat16, 2 float16
 };
 
@@ -394,10 +395,12 @@ struct Kernel {
     return nk;
   }
 
-  // Per (b, h): merge the splits, attend to the block's own keys, normalise, write the output.
+  // Per merge item (b, h, rows [r0, r0 + MERGE_ROWS)): merge the splits, attend to the block's own
+  // keys, normalise, write the output (a prefill chunk's 768 rows of a head on every thread).
   // `pairs`: the items kept their sums in widened bf16 order (item<uint16_t>).
-  static INLINE void merge(const Args& a, int64_t bh, bool pairs) {
-    const int64_t Rp = a.rows_padded, groups = Rp / N;
+  static INLINE void merge(const Args& a, int64_t w, bool pairs) {
+    const int64_t Rp = a.rows_padded, bh = w / a.merge_parts, r0 = w % a.merge_parts * MERGE_ROWS;
+    const int64_t r1 = std::min<int64_t>(r0 + MERGE_ROWS, Rp), R1 = std::min(r1, a.R);
     float* m = a.m + bh * a.splits * Rp;
     float* l = a.l + bh * a.splits * Rp;
     float* acc = a.acc + bh * a.splits * Rp * D;
@@ -405,7 +408,7 @@ struct Kernel {
       const float* ms = m + sp * Rp;
       const float* ls = l + sp * Rp;
       const float* as = acc + sp * Rp * D;
-      for (int64_t r = 0; r < a.R; ++r) {
+      for (int64_t r = r0; r < R1; ++r) {
         if (ms[r] == -INFINITY) continue;
         const float mn = std::max(m[r], ms[r]);
         const float w0 = std::exp2(m[r] - mn), w1 = std::exp2(ms[r] - mn);
@@ -419,7 +422,7 @@ struct Kernel {
       const float* kn = a.kn + bh * a.T * D;
       const float* vn = a.vn + bh * a.T * D;
       alignas(64) float Qt[D * N], t[N], Kf[KB * D], Vf[KB * D];
-      for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t g = r0 / N; g < r1 / N; ++g) {
         const int rows = transpose(a.q + bh * a.R * D, a.qscale, a.R, g, pairs, Qt);
         for (int i = 0; i < N; ++i) t[i] = float((g * N + i) % a.T);
         for (int64_t s = 0; s < a.T; s += KB) {
@@ -432,7 +435,7 @@ struct Kernel {
       }
     }
     float* out = a.out + bh * a.R * D;
-    for (int64_t r = 0; r < a.R; ++r) {
+    for (int64_t r = r0; r < R1; ++r) {
       const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
       if (pairs)
         for (int p = 0; p < D; ++p) out[r * D + dim(p)] = acc[r * D + p] * inv;
@@ -459,9 +462,9 @@ INLINE void run_items(const Args& a, int64_t begin, int64_t end) {
 
 template <int N>
 INLINE void run_merge(const Args& a, int64_t begin, int64_t end, bool pairs) {
-  for (int64_t bh = begin; bh < end; ++bh) {
-    if (a.d == 64) Kernel<N, 64>::merge(a, bh, pairs);
-    else Kernel<N, 128>::merge(a, bh, pairs);
+  for (int64_t w = begin; w < end; ++w) {
+    if (a.d == 64) Kernel<N, 64>::merge(a, w, pairs);
+    else Kernel<N, 128>::merge(a, w, pairs);
   }
 }
 
@@ -832,6 +835,9 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   // Split the slots across threads when there are fewer (row, head) pairs than ~4 per thread.
   const int64_t threads = at::get_num_threads();
   int64_t splits = std::max<int64_t>(1, std::min((4 * threads + B * kv - 1) / (B * kv), longest / MIN_SPLIT));
+  // As many items per thread: a prefill row's 3 heads on 2 threads split 4 ways (6 + 6 items), not 3
+  // (5 + 4).
+  while ((B * kv * splits) % threads && splits < longest / MIN_SPLIT) ++splits;
   const int64_t chunk = std::max<int64_t>(1, (longest + splits - 1) / splits);
   const int64_t Rp = (R + isa.lanes - 1) / isa.lanes * isa.lanes;
   at::Tensor state = at::empty({B * kv * splits * Rp * (d + 2)}, q.options().dtype(at::kFloat));
@@ -841,10 +847,10 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   Args a{qf.data_ptr<float>(), float(scale * M_LOG2E), kc.data_ptr(), vc.data_ptr(), visible.data(),
          k_new ? knf.data_ptr<float>() : nullptr, k_new ? vnf.data_ptr<float>() : nullptr,
          sp, sp + n, sp + 2 * n, out.data_ptr<float>(),
-         B, kv, R, S, k_new ? knf.size(2) : 1, d, splits, chunk, Rp,
+         B, kv, R, S, k_new ? knf.size(2) : 1, d, splits, chunk, Rp, (Rp + MERGE_ROWS - 1) / MERGE_ROWS,
          kc.scalar_type() == at::kFloat ? 0 : kc.scalar_type() == at::kBFloat16 ? 1 : 2};
   at::parallel_for(0, B * kv * splits, 1, [&](int64_t b, int64_t e) { isa.items(a, b, e); });
-  at::parallel_for(0, B * kv, 1, [&](int64_t b, int64_t e) { isa.merge(a, b, e); });
+  at::parallel_for(0, B * kv * a.merge_parts, 1, [&](int64_t b, int64_t e) { isa.merge(a, b, e); });
   return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }
 
