@@ -27,13 +27,14 @@ CSRC = "magicdec_rt/csrc"
 
 
 def build(src: Path, name: str, out: Path) -> Path:
-    """The op library from ``src`` (attention.cpp, linear.cpp), compiled as the package does."""
-    from torch.utils import cpp_extension
-
+    """The op library from ``src`` (attention.cpp, linear.cpp), compiled as the package does, in a
+    child process (building also loads it, and one process takes one ``magicdec`` library)."""
     out.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name, sources=[str(src / "attention.cpp"), str(src / "linear.cpp")],
-                       extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False, build_directory=str(out), verbose=False)
+    code = ("import sys; from torch.utils import cpp_extension; cpp_extension.load(name=sys.argv[1], "
+            "sources=sys.argv[3:], extra_cflags=['-O3', '-fopenmp', '-Wno-psabi'], extra_ldflags=['-fopenmp'], "
+            "is_python_module=False, build_directory=sys.argv[2], verbose=False)")
+    subprocess.run([sys.executable, "-c", code, name, str(out), str(src / "attention.cpp"), str(src / "linear.cpp")],
+                   check=True)
     return out / f"{name}.so"
 
 
