@@ -8,8 +8,8 @@ Times the 30 layers' q/k/v/o/gate/up/down projections of the embedded model (ran
 copy per layer, so every call reads its weights from memory as a step does), and apart the LM head
 (49152 x 576), at M rows: ``torch.ops.magicdec.linear`` on packed weights (bf16: also with q/k/v
 and gate/up fused into one matrix each; float32: also its AVX2 path, where the CPU has AVX-512),
-``torch.ops.magicdec.linear_q8`` on int8 copies (the draft step's, ``linear.py``; where the CPU has
-AVX512-VNNI) and ``F.linear`` (oneDNN in bf16, MKL in float32). Prints ms, GB/s of weights read and
+``torch.ops.magicdec.linear_q8`` on int8 copies (the draft step's, ``linear.py``; float32: also its
+AVX2 path, where the CPU has AVX512-VNNI) and ``F.linear`` (oneDNN in bf16, MKL in float32). Prints ms, GB/s of weights read and
 the fraction of this run's read bandwidth. Needs a CPU that runs the kernel in that dtype
 (``linear.wanted``: AVX512-BF16 for bf16, AVX2 and FMA for float32).
 """

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                   f"{m.draft_budget}-slot window of it.")
         else:
             print(f"Speculation does not win at {batch} x {context} on this machine: the draft step still reads "
-                  "every weight (in int8 where the CPU has VNNI), so it only pays once the KV cache dominates a step "
+                  "every weight (in int8 where the CPU runs it), so it only pays once the KV cache dominates a step "
                   "(more rows, longer contexts; README: 1.4-1.9x at 16 x 7.5k on an AVX512-BF16 EPYC). With "
                   "gamma='auto' the planner picks plain decoding where it predicts this.")
         return 0

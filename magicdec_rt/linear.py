@@ -19,6 +19,8 @@ as ``vdpbf16ps`` on the AVX512-BF16 EPYC): 30 layers' linears plus the LM head a
 4.7-5.0 ms against 7.1-8.4 in bf16 with memory at 44-47 GB/s (``bench/linears.py``; 1.1x at 69 GB/s,
 where both are compute-bound). Acceptance dropped ~2%; the planner gained 1.03-1.2x where drafting
 is a large share of a round (B4-B16 at 1k-4k) and 0.97-1.05x at B16 x 7.5k (README, CPU kernels).
+A float32 engine without VNNI runs them on its AVX2 path (``vpmaddubsw``, the same integer sums):
+there a quarter of float32's bytes, and 1.6-1.8x its multiply-adds per second on the AVX-512 EPYC.
 """
 
 from __future__ import annotations

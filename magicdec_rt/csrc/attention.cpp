@@ -11,7 +11,8 @@
 // Why a kernel: at decode shapes (head dim 64, 3-48 query rows per KV head, thousands of slots)
 // attention is bound by reading the cache, and stock kernels read it at a fraction of the machine's
 // bandwidth and slow down with every query row. Here each (row, KV head) reads its cache slots once
-// for all R query rows: blocks of KB keys are widened to float32 into L1-resident buffers; scores
+// for all R query rows: blocks of KB keys are widened to float32 into L1-resident buffers (bf16 a
+// pair of dims at a time, so dims are kept in an order of their own: Kernel::dim); scores
 // are computed with the query rows in SIMD lanes (one FMA per key element serves N rows) or, for
 // few rows, with keys in lanes (dot products folded by a shuffle butterfly); the softmax is kept
 // online in float32 (exp2 with log2(e) folded into the query scale), and P·V accumulates in
@@ -174,8 +175,7 @@ struct Kernel {
 
   // acc[i] = acc[i] * corr[i] + sum_j P(i, j) V[j] for query rows i < rows (P(i, j) = P[i*si + j*sj]),
   // RT rows x CC dim vectors at a time with their sums in registers; a last tile of fewer rows
-  // computes only those (a tile of RT rows for 1-3 left over, as for a verify block's last query
-  // row on the 16-register paths, multiplied up to 4x the row's products).
+  // computes only those (a full tile for the 9th query row of a gamma-2 verify did 4x its products).
   static INLINE void pv(float* acc, int rows, const float* P, int si, int sj, const float* corr, const float* Vf, int nk) {
     for (int c0 = 0; c0 < C; c0 += CC) {
       int i0 = 0;
