@@ -135,8 +135,8 @@ def build_engine(
     tokenizer; one process; compiled like the target. ``draft_positions``: the draft's keys at their
     original positions, or at StreamingLLM's positions inside its cache (``"cache"``).
     ``draft_weights``: the draft step's linear weights, ``"int8"`` (``linear.py``; float32
-    engines on CPUs with AVX2 and FMA, bf16 ones with AVX512-VNNI and AVX512-BF16), ``"target"`` (the engine's own) or ``"auto"``
-    (int8 where it can run)."""
+    engines on CPUs with AVX2 and FMA, bf16 ones with AVX512-VNNI and AVX512-BF16), ``"target"``
+    (the engine's own) or ``"auto"`` (int8 where it can run)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
     if dtype == "auto":
         dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"

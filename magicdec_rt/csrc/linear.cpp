@@ -14,7 +14,7 @@
 //             in the order of K.
 //   linear_q8(x, packed, scale, wsum, n)
 //     x       [..., K] bfloat16 or float32, K a multiple of 4; each row is quantized here to int8 with its own
-//             scale amax / 127 (round to nearest even), held as unsigned bytes q + 128
+//             scale amax / 127 (round to nearest even), held as unsigned bytes q + 128 (AVX2 path: q)
 //     packed  [ceil(N/32), K/4, 32, 4] int8: the int8 weights W8 [N, K] in blocks of 32 features,
 //             each K quad of a feature side by side
 //     scale   [32 ceil(N/32)] float32, per feature; wsum [32 ceil(N/32)] int32, sum_k W8[n, k]
@@ -71,16 +71,34 @@ struct Dequant {
 #define INLINE inline __attribute__((always_inline))
 
 constexpr int NV = NB / 16;  // weight vectors per step of K
+
+// Tile i of a block's nt tiles prefetches the i-th of nt interleaved shares of the thread's next
+// block (`next`, or null): its step p fetches the next block's step (i * steps + p) / nt when nt
+// divides i * steps + p; phase and step are counted along (a division per step cost ~1.5%).
+struct NextBlock {
+  const char* next;
+  int64_t nt, phase, ahead;
+  NextBlock(const char* next, int64_t i, int64_t steps, int64_t nt)
+      : next(next), nt(nt), phase(i * steps % nt), ahead((i * steps + nt - 1) / nt) {}
+  INLINE void step() {
+    const bool fetch = phase == 0;
+    if (++phase == nt) phase = 0;
+    if (next && fetch) {
+      const char* np = next + ahead++ * STEP;
+      _mm_prefetch(np, _MM_HINT_T0);
+      _mm_prefetch(np + 64, _MM_HINT_T0);
+    }
+  }
+};
 constexpr int MR = 12;       // most rows per tile: 12 x 2 accumulators + 2 weight vectors + 1 broadcast
 
 // Rows [0, R) (R <= MR) of x (4 bytes per row and step: a bf16 pair, 4 quantized bytes or a float;
 // row stride ldx bytes) times one packed block of NB features over `steps` steps of K, into y (row
 // stride ldy); only the first `cols` features are stored (the float32 form uses AVX-512F and BW/VL
-// masks only, so it also runs without AVX512-BF16 and VNNI). Tile i of the block's nt tiles
-// prefetches the i-th of nt interleaved shares of the thread's next block (`next`, or null), so the
-// next weights stream in while every tile of this block computes (one tile prefetching it all
-// overlapped the reads with only that tile; measured with 64-feature blocks, 30 layers' linears at
-// M = 16 from memory: 7.7 -> 7.0 ms spread out).
+// masks only, so it also runs without AVX512-BF16 and VNNI). Each tile prefetches its share of the
+// thread's next block (NextBlock), so the next weights stream in while every tile of this block
+// computes (one tile prefetching it all overlapped the reads with only that tile; measured with
+// 64-feature blocks, 30 layers' linears at M = 16 from memory: 7.7 -> 7.0 ms spread out).
 template <int R, Kind KIND, typename Out>
 TARGET INLINE void tile(const char* x, int64_t ldx, int64_t steps, const char* w, Out* y, int64_t ldy, int cols,
                         const char* next, int64_t i, int64_t nt, const Dequant& dq, int64_t row0, int64_t col0) {
@@ -89,17 +107,10 @@ TARGET INLINE void tile(const char* x, int64_t ldx, int64_t steps, const char* w
   Sum c[R][NV];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) c[r][j] = Sum{};
-  // Step p fetches the next block's step (i * steps + p) / nt when nt divides i * steps + p; phase
-  // and step are counted along (a division per step cost ~1.5%).
-  int64_t phase = i * steps % nt, ahead = (i * steps + nt - 1) / nt;
+  NextBlock prefetch(next, i, steps, nt);
   for (int64_t p = 0; p < steps; ++p) {
     const char* wp = w + p * STEP;
-    const bool fetch = phase == 0;
-    if (++phase == nt) phase = 0;
-    if (next && fetch) {
-      const char* np = next + ahead++ * STEP;
-      for (int j = 0; j < NV; ++j) _mm_prefetch(np + 64 * j, _MM_HINT_T0);
-    }
+    prefetch.step();
     __m512i v[NV];
     for (int j = 0; j < NV; ++j) v[j] = _mm512_loadu_si512(wp + 64 * j);
     for (int r = 0; r < R; ++r) {
@@ -180,16 +191,10 @@ TARGET_AVX2 INLINE void tile_avx2(const float* x, int64_t K, const char* w, int 
                                   const char* next, int64_t i, int64_t nt) {
   __m256 c[R][2];
   for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
-  int64_t phase = i * K % nt, ahead = (i * K + nt - 1) / nt;
+  NextBlock prefetch(next, i, K, nt);
   for (int64_t p = 0; p < K; ++p) {
     const float* wp = reinterpret_cast<const float*>(w + p * STEP) + 16 * h;
-    const bool fetch = phase == 0;
-    if (++phase == nt) phase = 0;
-    if (next && fetch) {
-      const char* np = next + ahead++ * STEP;
-      _mm_prefetch(np, _MM_HINT_T0);
-      _mm_prefetch(np + 64, _MM_HINT_T0);
-    }
+    prefetch.step();
     const __m256 v0 = _mm256_loadu_ps(wp), v1 = _mm256_loadu_ps(wp + 8);
     for (int r = 0; r < R; ++r) {
       const __m256 b = _mm256_broadcast_ss(x + r * K + p);
@@ -247,16 +252,10 @@ TARGET_AVX2 INLINE void tile_q8_avx2(const int8_t* x, int64_t K, const char* w, 
   for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t steps = K / 4;
-  int64_t phase = i * steps % nt, ahead = (i * steps + nt - 1) / nt;
+  NextBlock prefetch(next, i, steps, nt);
   for (int64_t p = 0; p < steps; ++p) {
     const char* wp = w + p * STEP + 64 * h;
-    const bool fetch = phase == 0;
-    if (++phase == nt) phase = 0;
-    if (next && fetch) {
-      const char* np = next + ahead++ * STEP;
-      _mm_prefetch(np, _MM_HINT_T0);
-      _mm_prefetch(np + 64, _MM_HINT_T0);
-    }
+    prefetch.step();
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
     const __m256i a0 = _mm256_abs_epi8(v0), a1 = _mm256_abs_epi8(v1);
