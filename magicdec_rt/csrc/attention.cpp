@@ -136,16 +136,22 @@ struct Vec {
     }
   }
 
-  // 2^x for x <= 0 to ~2e-7 relative: x = n + f, |f| <= 1/2, e^(f ln2) by its degree-6 Taylor
-  // polynomial (truncation error (ln2/2)^7/7! ~ 1.2e-7). Inputs below -126 give 2^-126.
+  // 2^x for x <= 0 to ~2e-7 relative: x = n + f, n = round(x), |f| <= 1/2; 2^f by Cephes' exp2f
+  // polynomial (as Bf16::exp2). Adding 1.5 * 2^23 rounds x to an integer that the sum's low bits
+  // hold, so n costs two additions and 2^n an integer subtraction (no conversions). Inputs below
+  // -126 give 2^-126.
   static INLINE F exp2(F x) {
+    constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23
     x = x < -126.0f ? splat(-126.0f) : x;
-    F r = x + 0.5f;
-    F n = __builtin_convertvector(__builtin_convertvector(r, I), F);
-    n = n > r ? n - 1.0f : n;  // floor(x + 1/2)
-    F g = (x - n) * 0.6931471805599453f;
-    F p = 1.0f + g * (1.0f + g * (1.0f / 2 + g * (1.0f / 6 + g * (1.0f / 24 + g * (1.0f / 120 + g * (1.0f / 720))))));
-    return p * (F)((__builtin_convertvector(n, I) + 127) << 23);
+    const F t = x + MAGIC, f = x - (t - MAGIC);
+    F p = splat(1.535336188319500e-4f);
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    return p * (F)(((I)t - (I)splat(MAGIC) + 127) << 23);
   }
 };
 
