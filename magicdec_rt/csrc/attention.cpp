@@ -165,11 +165,11 @@ struct Kernel {
   // chunk of 32 dims even dims first, then odd ones; queries are read and sums kept in that order,
   // and merge writes the output back in dim order. Position p of such a row holds dim(p).
   static constexpr int dim(int p) { return p / 32 * 32 + (p % 32 < 16 ? 2 * (p % 16) : 2 * (p % 16) + 1); }
-  // Rows [0, R) of q in widened order when `pairs`, else q itself.
-  static INLINE const float* in_order(const float* q, int64_t R, bool pairs, float* buf) {
-    if (!pairs) return q;
+  // Rows [0, R) of x times `scale`, in widened order when `pairs`; x itself where neither applies.
+  static INLINE const float* in_order(const float* x, int64_t R, bool pairs, float* buf, float scale = 1.0f) {
+    if (!pairs && scale == 1.0f) return x;
     for (int64_t i = 0; i < R; ++i)
-      for (int p = 0; p < D; ++p) buf[i * D + p] = q[i * D + dim(p)];
+      for (int p = 0; p < D; ++p) buf[i * D + p] = x[i * D + (pairs ? dim(p) : p)] * scale;
     return buf;
   }
   // P·V register tile: RT query rows x CC vectors of dims. AVX-512 has 32 vector registers: a whole
@@ -281,11 +281,11 @@ struct Kernel {
   }
   static INLINE F iota() { F r; for (int i = 0; i < N; ++i) r[i] = float(i); return r; }
 
-  // One query row's scores against the block's KB keys, keys in lanes: KB dot products over D (C
-  // FMAs each) folded together into KB / N vectors.
-  static INLINE void row_scores(const float* q, float qscale, const float* Kf, F* s) {
+  // One query row's scores (q already scaled) against the block's KB keys, keys in lanes: KB dot
+  // products over D (C FMAs each) folded together into KB / N vectors.
+  static INLINE void row_scores(const float* q, const float* Kf, F* s) {
     F qv[C];
-    for (int c = 0; c < C; ++c) qv[c] = V::load(q + c * N) * qscale;
+    for (int c = 0; c < C; ++c) qv[c] = V::load(q + c * N);
     for (int j0 = 0; j0 < KB; j0 += N) {
       F x[N];
       for (int j = 0; j < N; ++j) {
@@ -323,7 +323,7 @@ struct Kernel {
   // through its softmax; with 16 registers several rows go stage by stage (scores, maxima, exp2), so
   // one row's chains of dependent shuffles and FMAs overlap the next row's (AVX2, 3 rows: 1.2x a
   // block; AVX-512 0.9x staged; AVX2, a verify's 9th row alone: 0.97x).
-  static INLINE void block_natural(const float* q, float qscale, int R, const float* Kf, const float* Vf, int nk,
+  static INLINE void block_natural(const float* q, int R, const float* Kf, const float* Vf, int nk,
                                    float* m, float* l, float* acc) {
     alignas(64) float P[MAX_NATURAL * KB], cr[MAX_NATURAL];
     F s[KB / N];
@@ -331,7 +331,7 @@ struct Kernel {
     const auto store = [&](int i) { for (int v = 0; v < KB / N; ++v) V::store(P + i * KB + v * N, s[v]); };
     if (N == 16 || R == 1) {
       for (int i = 0; i < R; ++i) {
-        row_scores(q + i * D, qscale, Kf, s);
+        row_scores(q + i * D, Kf, s);
         const float m_new = row_max(s, nk, m[i]);
         cr[i] = row_exp(s, m[i], m_new, l[i]);
         m[i] = m_new;
@@ -339,7 +339,7 @@ struct Kernel {
       }
     } else {
       float m_new[MAX_NATURAL];
-      for (int i = 0; i < R; ++i) row_scores(q + i * D, qscale, Kf, s), store(i);
+      for (int i = 0; i < R; ++i) row_scores(q + i * D, Kf, s), store(i);
       for (int i = 0; i < R; ++i) load(i), m_new[i] = row_max(s, nk, m[i]), store(i);
       for (int i = 0; i < R; ++i) load(i), cr[i] = row_exp(s, m[i], m_new[i], l[i]), m[i] = m_new[i], store(i);
     }
@@ -366,10 +366,10 @@ struct Kernel {
     alignas(64) float Kf[KB * D], Vf[KB * D], qn[MAX_NATURAL * D];
     constexpr bool pairs = std::is_same_v<KT, uint16_t>;
     if (natural(a.R)) {
-      const float* q = in_order(a.q + bh * a.R * D, a.R, pairs, qn);
+      const float* q = in_order(a.q + bh * a.R * D, a.R, pairs, qn, a.qscale);  // scaled once an item
       for (int64_t s = lo; s < hi; s += KB) {
         const int nk = widen(kc, vc, s, hi, Kf, Vf);
-        block_natural(q, a.qscale, int(a.R), Kf, Vf, nk, m, l, acc);
+        block_natural(q, int(a.R), Kf, Vf, nk, m, l, acc);
       }
       return;
     }
@@ -384,7 +384,7 @@ struct Kernel {
       const bool with_tail = g0 + ng == lane_groups && tail < R;
       int rows[GC];
       for (int64_t g = 0; g < ng; ++g) rows[g] = transpose(q, a.qscale, R, g0 + g, pairs, Qt[g]);
-      const float* qt = with_tail ? in_order(q + tail * D, R - tail, pairs, qn) : nullptr;
+      const float* qt = with_tail ? in_order(q + tail * D, R - tail, pairs, qn, a.qscale) : nullptr;
       for (int64_t s = lo; s < hi; s += KB) {
         const int nk = widen(kc, vc, s, hi, Kf, Vf);
         for (int64_t g = 0; g < ng; ++g) {
@@ -392,7 +392,7 @@ struct Kernel {
           block(Qt[g], rows[g], Kf, Vf, nk, nullptr, 0, m + o, l + o, acc + o * D);
         }
         if (with_tail)
-          block_natural(qt, a.qscale, int(R - tail), Kf, Vf, nk, m + tail, l + tail, acc + tail * D);
+          block_natural(qt, int(R - tail), Kf, Vf, nk, m + tail, l + tail, acc + tail * D);
       }
     }
   }
