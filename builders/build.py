@@ -124,6 +124,7 @@ def build_engine(
     draft_model: str | Path | None = None,
     draft_positions: str = "original",
     draft_weights: str = "auto",
+    cpu_isa: str = "native",
 ) -> Path:
     """Build an engine directory and return its path. ``dtype="auto"`` picks bfloat16 where the CPU
     multiplies it natively (AMX, AVX-512-BF16) or on CUDA, float32 elsewhere. ``kv_dtype`` is the
@@ -136,10 +137,18 @@ def build_engine(
     original positions, or at StreamingLLM's positions inside its cache (``"cache"``).
     ``draft_weights``: the draft step's linear weights, ``"int8"`` (``linear.py``; float32
     engines on CPUs with AVX2 and FMA, bf16 ones with AVX512-VNNI and AVX512-BF16), ``"target"``
-    (the engine's own) or ``"auto"`` (int8 where it can run)."""
+    (the engine's own) or ``"auto"`` (int8 where it can run). ``cpu_isa``: the CPUs compiled graphs
+    are for, ``"native"`` (this one's vector width) or ``"avx2"`` (any x86-64 CPU with AVX2 and FMA;
+    ``dtype="auto"`` then picks float32, as on those CPUs)."""
     gammas = sorted(set(range(max_gamma + 1) if gammas is None else [0, *gammas]))
+    if cpu_isa not in cpu.TARGETS or (cpu_isa != "native" and device != "cpu"):
+        raise EngineError(f"cpu_isa {cpu_isa!r} is not supported on {device}; choose one of "
+                          f"{', '.join(cpu.TARGETS) if device == 'cpu' else 'native'}")
     if dtype == "auto":
-        dtype = cpu.auto_dtype() if device == "cpu" else "bfloat16"
+        dtype = ("float32" if cpu_isa == "avx2" else cpu.auto_dtype()) if device == "cpu" else "bfloat16"
+    elif dtype == "bfloat16" and cpu_isa == "avx2":
+        raise EngineError("dtype bfloat16 needs a CPU that multiplies it natively (AVX512-BF16 or AMX) and cpu_isa "
+                          "avx2 builds for CPUs with AVX2 only, which emulate it: use --dtype float32 or auto")
     elif dtype == "bfloat16" and device == "cpu" and not cpu.native_bf16():
         warn_emulated_bf16()
     if kv_dtype == "auto":
@@ -213,6 +222,7 @@ def build_engine(
 
         versions |= trt_backend.versions()
     compiled_cpu = backend == "aoti" and device == "cpu"
+    target = cpu.compile_target(cpu_isa) if compiled_cpu else None
     packed = compiled_cpu and linear.wanted(DTYPES[dtype], device)
     manifest = Manifest(
         name=out.name,
@@ -235,8 +245,9 @@ def build_engine(
         versions=versions,
         # CPU graphs need what Inductor compiled for, and what the linear kernel needs where they call
         # it (AVX512-BF16 in bf16, AVX2 and FMA in float32).
-        cpu_isa=sorted(set(cpu.compiled_isa()) | (set(linear.isa(DTYPES[dtype])) if packed else set())
+        cpu_isa=sorted(set(target[1]) | (set(linear.isa(DTYPES[dtype])) if packed else set())
                        | (set(linear.int8_isa(DTYPES[dtype])) if draft_int8 else set())) if compiled_cpu else [],
+        cpu_arch=target[0] if compiled_cpu else "",
         packed_linears=linear.BLOCK if packed else 0,
         cpu_threads=torch.get_num_threads() if compiled_cpu else 0,
         draft_model=None if drafter is None else ModelConfig.from_hf(drafter[0]),
@@ -402,6 +413,9 @@ def main(argv=None) -> int:
                    help="the draft step's linear weights: int8 (float32 engines on CPUs with AVX2 and FMA, bf16 ones with "
                    "AVX512-VNNI and AVX512-BF16: "
                    "1 byte per weight; the verify keeps the model's), target (the engine's own), auto (int8 where it can run)")
+    p.add_argument("--cpu-isa", default="native", choices=list(cpu.TARGETS),
+                   help="the CPUs compiled (aoti) graphs run on: native (this CPU's widest vectors and newer) or avx2 "
+                   "(every x86-64 CPU with AVX2 and FMA; --dtype auto then picks float32)")
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: up to 2)")
     p.add_argument("--max-rel-err", type=float, default=None,
@@ -435,6 +449,7 @@ def main(argv=None) -> int:
             draft_model=args.draft_model,
             draft_positions=args.draft_positions,
             draft_weights=args.draft_weights,
+            cpu_isa=args.cpu_isa,
             show_progress=not args.quiet,
             # Only where the engine can run here as one process.
             calibrate=not args.no_calibrate and args.world_size == 1 and (args.device == "cpu" or torch.cuda.is_available()),

@@ -30,6 +30,7 @@ import torch
 
 import magicdec_rt
 from magicdec_rt import attention as attention_module
+from magicdec_rt import cpu
 from magicdec_rt import linear as linear_module
 from magicdec_rt import model as model_module
 from magicdec_rt.engine import Manifest, load_aoti_graph, step_module
@@ -58,8 +59,10 @@ def aoti_options(manifest: Manifest) -> dict:
     another dtype (bf16 KV, float32 weights) a block's own K/V are rounded to the cache's dtype and
     back (``model.py``), which Inductor drops inside a fused kernel unless it emulates precision
     casts: the compiled block would attend to unrounded K/V (4e-3 from eager at a prefill chunk,
-    measured), and speculation would no longer equal plain decoding."""
+    measured), and speculation would no longer equal plain decoding. The graphs are compiled for
+    the manifest's x86-64 level, so they use no instruction its ``cpu_isa`` does not name."""
     return (AOTI_OPTIONS | ({"cpp.threads": manifest.cpu_threads} if manifest.cpu_threads else {})
+            | (cpu.inductor_options(manifest.cpu_arch) if manifest.cpu_arch else {})
             | ({"emulate_precision_casts": True} if manifest.kv_dtype != manifest.dtype else {}))
 
 

@@ -14,6 +14,8 @@ import functools
 import platform
 from pathlib import Path
 
+from .errors import EngineError
+
 # Spellings of compiler -m flags as /proc/cpuinfo lists them, where they differ.
 _CPUINFO_NAMES = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
                   "avxvnni": "avx_vnni", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16", "amx-int8": "amx_int8"}
@@ -65,15 +67,43 @@ def auto_kv_dtype() -> str:
     return "bfloat16"
 
 
-def compiled_isa() -> list[str]:
-    """The instruction sets AOTInductor compiles CPU graphs for on this machine (cpuinfo names)."""
-    from torch._inductor import cpu_vec_isa
+# The x86-64 micro-architecture levels (the psABI's) CPU graphs are compiled for, by the width of
+# the vectors Inductor generates, with the /proc/cpuinfo flags each needs. An explicit level, not
+# Inductor's default -march=native: with native the compiler may use any instruction of the build
+# CPU, and the manifest could not name them all.
+_V3 = ("cx16", "lahf_lm", "popcnt", "pni", "ssse3", "sse4_1", "sse4_2",
+       "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")
+ARCH_LEVELS = {0: ("x86-64", ()), 256: ("x86-64-v3", _V3),
+               512: ("x86-64-v4", _V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))}
+TARGETS = ("native", "avx2")  # what ``magicdec-build --cpu-isa`` compiles for
 
-    names = set()
-    for flag in cpu_vec_isa.pick_vec_isa().build_arch_flags().split():
+
+def inductor_options(arch: str) -> dict:
+    """Inductor's config for graphs compiled for the level ``arch``: the level, and AVX2 vectors at
+    x86-64-v3 (at v4, Inductor's default pick is the widest this CPU has, as ``compile_target`` saw)."""
+    return {"cpp.march": arch} | ({"cpp.simdlen": 256} if arch == "x86-64-v3" else {})
+
+
+def compile_target(target: str = "native") -> tuple[str, list[str]]:
+    """The -march level AOTInductor compiles CPU graphs for and every cpuinfo flag they need (the
+    level's and Inductor's vector flags), for ``target``: ``"native"``, the widest vectors Inductor uses on
+    this CPU (AVX-512, with VNNI or AMX where present; it follows ``ATEN_CPU_CAPABILITY``), or
+    ``"avx2"``, any x86-64 CPU with AVX2 and FMA, so that an engine built here runs on those too."""
+    from torch._inductor import config, cpu_vec_isa
+
+    if target not in TARGETS:
+        raise EngineError(f"cpu_isa {target!r} is not supported; choose one of {', '.join(TARGETS)}")
+    with config.patch({"cpp.simdlen": 256 if target == "avx2" else None}):
+        vec = cpu_vec_isa.pick_vec_isa()
+    if target == "avx2" and vec.bit_width() != 256:
+        raise EngineError(f"cpu_isa avx2 needs a build machine with AVX2 and FMA (the build runs the graphs to "
+                         f"validate them); this CPU ({model_name()}) has no AVX2")
+    arch, level = ARCH_LEVELS.get(vec.bit_width(), ARCH_LEVELS[0])
+    names = set(level)
+    for flag in vec.build_arch_flags().split():
         if flag.startswith("-m") and not flag.startswith("-march"):
             names.add(_CPUINFO_NAMES.get(flag[2:], flag[2:].replace("-", "_")))
-    return sorted(names)
+    return arch, sorted(names)
 
 
 def missing(required: list[str]) -> list[str]:

@@ -59,6 +59,7 @@ class Manifest:
     device: str = "cpu"
     graphs: dict = field(default_factory=dict)  # step name -> {"file", "key", "bytes", "rel_err"}
     cpu_isa: list = field(default_factory=list)  # instruction sets the CPU graphs were compiled for
+    cpu_arch: str = ""  # their -march level ("": none, or compiled for the build CPU, before the field)
     kv_dtype: str = ""  # the KV caches' dtype ("": the engine's dtype)
     packed_linears: int = 0  # CPU graphs call the linear kernel on weights packed in blocks of this many features
     cpu_threads: int = 0  # threads the CPU graphs' own loops were compiled for (0: no compiled CPU graphs)
@@ -142,6 +143,7 @@ class Manifest:
             "eos_token_ids": self.eos_token_ids,
             "versions": self.versions,
             "cpu_isa": self.cpu_isa,
+            "cpu_arch": self.cpu_arch,
             "packed_linears": self.packed_linears,
             "cpu_threads": self.cpu_threads,
             "graphs": self.graphs,
@@ -178,6 +180,7 @@ class Manifest:
                 device=d["device"],
                 graphs=dict(d.get("graphs", {})),
                 cpu_isa=[str(x) for x in d.get("cpu_isa", [])],
+                cpu_arch=str(d.get("cpu_arch") or ""),
                 # true: written before the block width was recorded, when it was 64
                 packed_linears=64 if d.get("packed_linears") is True else int(d.get("packed_linears") or 0),
                 cpu_threads=int(d.get("cpu_threads") or 0),
@@ -267,8 +270,9 @@ def check_environment(directory: Path, m: Manifest) -> None:
     lacking = cpu.missing(m.cpu_isa) if m.backend == "aoti" and m.device == "cpu" else []
     if lacking:
         raise EngineError(
-            f"{where} was compiled for CPUs with {', '.join(m.cpu_isa)}; this CPU ({cpu.model_name()}) lacks "
-            f"{', '.join(lacking)}, so its graphs would stop on an illegal instruction: rebuild the engine here"
+            f"{where} needs {', '.join(lacking)}, which this CPU ({cpu.model_name()}) lacks: its graphs (compiled "
+            f"for {m.cpu_arch or 'the build CPU'}) would stop on an illegal instruction; rebuild the engine here"
+            + (", or on any machine with --cpu-isa avx2" if not cpu.missing(list(cpu.ARCH_LEVELS[256][1])) else "")
         )
     threads = torch.get_num_threads()
     if m.backend == "aoti" and m.device == "cpu" and m.cpu_threads != threads:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -47,8 +49,11 @@ def test_manifest_records_every_graph(tiny_aoti_engine):
     # The instruction sets Inductor compiled for and the linear kernels need, all of which this CPU has.
     assert m.packed_linears == (linear.BLOCK if linear.wanted(torch.float32, "cpu") else 0)
     needs = set(linear.isa(torch.float32)) if m.packed_linears else set()
-    assert m.cpu_isa == sorted(set(cpu.compiled_isa()) | needs | (set(linear.int8_isa(torch.float32)) if m.draft_int8 else set()))
+    arch, isa = cpu.compile_target()
+    assert m.cpu_isa == sorted(set(isa) | needs | (set(linear.int8_isa(torch.float32)) if m.draft_int8 else set()))
     assert not cpu.missing(m.cpu_isa)
+    # Compiled for an x86-64 level, not Inductor's -march=native (any instruction of the build CPU).
+    assert m.cpu_arch == arch and aoti_options(m)["cpp.march"] == arch and set(cpu.ARCH_LEVELS[256][1]) <= set(isa)
     # Inductor's own loops were generated for the threads the engine runs with, not for the build
     # workers' share of them (2 workers on 2 cores had 1 each: every loop serial).
     assert m.cpu_threads == torch.get_num_threads()
@@ -87,6 +92,58 @@ def test_float32_weights_over_a_bf16_cache_compile_and_speculate_exactly(tmp_pat
     want = [r.token_ids for r in rt.generate(PROMPTS[:4], max_new_tokens=20, gamma=0)]
     assert [r.token_ids for r in rt.generate(PROMPTS[:4], max_new_tokens=20, gamma=2)] == want
     assert 0 < rt.last_stats["acceptance_rate"] <= 1
+
+
+def _disassembly(engine) -> str:
+    """objdump's text of every shared object in the engine's compiled graphs."""
+    import subprocess
+    import zipfile
+
+    text = []
+    for pt2 in sorted((engine / "graphs").glob("*.pt2")):
+        with zipfile.ZipFile(pt2) as z:
+            for name in z.namelist():
+                if name.endswith(".so"):
+                    so = engine / "graphs" / os.path.basename(name)
+                    so.write_bytes(z.read(name))
+                    text.append(subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True, check=True).stdout)
+                    so.unlink()
+    return "\n".join(text)
+
+
+AVX2_LEVEL = list(cpu.ARCH_LEVELS[256][1])
+
+
+@pytest.mark.skipif(cpu.missing(AVX2_LEVEL) or not shutil.which("objdump"), reason="needs AVX2 and objdump")
+def test_an_avx2_engine_holds_no_avx512_and_loads_where_a_native_one_is_refused(tmp_path, tiny_hf, tiny_aoti_engine,
+                                                                                 monkeypatch):
+    """``--cpu-isa avx2``: an engine built on any machine for every x86-64 CPU with AVX2 and FMA.
+    Its graphs are compiled for x86-64-v3 with AVX2 vectors, so not one instruction touches an
+    AVX-512 register (Inductor's default, -march=native, lets the compiler use any instruction of
+    the build CPU); ``--dtype auto`` picks float32, as it would there; a CPU with only that level
+    loads it and refuses an engine compiled for this one's AVX-512."""
+    small = dict(TINY_AOTI, max_seq_len=64, buckets=[64])
+    engine = build_engine(tmp_path / "avx2", tiny_hf, backend="aoti", dtype="auto", cpu_isa="avx2", **small)
+    m = read_manifest(engine)
+    assert m.dtype == "float32" and m.cpu_arch == "x86-64-v3" and aoti_options(m)["cpp.simdlen"] == 256
+    assert set(m.cpu_isa) == set(AVX2_LEVEL)  # the level names AVX2 and FMA, all the linear kernels need
+    code = _disassembly(engine)
+    assert "ymm" in code and "zmm" not in code and not re.search(r"%k[0-7]\b", code)
+    if "avx512f" in cpu.flags() and cpu.compile_target()[0] == "x86-64-v4":  # the check sees AVX-512 where it is
+        assert "zmm" in _disassembly(tiny_aoti_engine)
+    eager = Runtime.load(build_engine(tmp_path / "eager", tiny_hf, dtype="float32", **small))
+    want = [r.token_ids for r in eager.generate(PROMPTS[:4], max_new_tokens=20, gamma=2)]
+    assert [r.token_ids for r in Runtime.load(engine).generate(PROMPTS[:4], max_new_tokens=20, gamma=2)] == want
+
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(AVX2_LEVEL))  # an AVX2-only CPU
+    Runtime.load(engine)
+    native = read_manifest(tiny_aoti_engine)
+    if native.cpu_arch == "x86-64-v4":
+        with pytest.raises(EngineError) as err:
+            Runtime.load(tiny_aoti_engine)
+        assert (f"needs {', '.join(x for x in native.cpu_isa if x not in AVX2_LEVEL)}, which this CPU "
+                f"({cpu.model_name()}) lacks: its graphs (compiled for x86-64-v4) would stop on an illegal instruction; "
+                "rebuild the engine here, or on any machine with --cpu-isa avx2") in str(err.value)
 
 
 def test_aoti_refill_and_bucket_shrink(aoti_runtime, eager_runtime):
@@ -140,8 +197,8 @@ def aoti_copy(tiny_aoti_engine, tmp_path):
         (lambda d: d.update(backend="tensorrt"), "backend 'tensorrt' needs torch-tensorrt, which is not installed"),
         (lambda d: d["graphs"].pop("draft"), "no compiled graph for step 'draft' (1 missing); rebuild the engine"),
         (lambda d: d.update(cpu_isa=["amx_fp64"]),
-         f"was compiled for CPUs with amx_fp64; this CPU ({cpu.model_name()}) lacks amx_fp64, so its graphs "
-         "would stop on an illegal instruction: rebuild the engine here"),
+         f"needs amx_fp64, which this CPU ({cpu.model_name()}) lacks: its graphs (compiled for "
+         f"{cpu.compile_target()[0]}) would stop on an illegal instruction; rebuild the engine here"),
     ],
     ids=["torch-version", "no-cuda", "no-tensorrt", "graph-missing", "cpu-isa"],
 )

@@ -131,6 +131,9 @@ def test_missing_weights(engine_copy):
         (["--backend", "onnx"], "argument --backend: invalid choice: 'onnx'"),
         (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
         (["--draft-weights", "int4"], "argument --draft-weights: invalid choice: 'int4'"),
+        (["--cpu-isa", "avx512"], "argument --cpu-isa: invalid choice: 'avx512'"),
+        (["--cpu-isa", "avx2", "--dtype", "bfloat16"], "dtype bfloat16 needs a CPU that multiplies it natively "
+         "(AVX512-BF16 or AMX) and cpu_isa avx2 builds for CPUs with AVX2 only, which emulate it: use --dtype float32 or auto"),
         (["--dtype", "float16", "--draft-weights", "int8"], "draft_weights int8 needs a CPU with AVX2 and FMA for a "
          "float32 engine, AVX512-VNNI and AVX512-BF16 for a bfloat16 one, and no AMX; this is float16 on cpu"),
     ],
