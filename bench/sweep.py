@@ -80,7 +80,7 @@ def sweep_runtime_class():
 
 def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, gammas: list[int], dtype: str,
                backend: str = "eager", draft_positions: str = "original", draft_weights: str = "auto",
-               kv_dtype: str | None = None) -> Path:
+               kv_dtype: str | None = None, cpu_isa: str = "native") -> Path:
     """An engine with one context bucket per swept context (each just large enough), so every
     point runs at a bucket that fits it rather than at the next power of two."""
     from builders.build import build_engine
@@ -89,9 +89,12 @@ def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, ga
     buckets = [c + new_tokens + 8 for c in sorted(contexts)]
     name = (f"sweep-{dtype}-b{batch}-w{budget}-c{'-'.join(map(str, buckets))}" + ("-cachepos" if draft_positions == "cache" else "")
             + ("" if draft_weights == "auto" else f"-{draft_weights}")
-            + ("" if kv_dtype in (None, dtype) else f"-kv{kv_dtype}"))
+            + ("" if kv_dtype in (None, dtype) else f"-kv{kv_dtype}") + ("" if cpu_isa == "native" else f"-{cpu_isa}"))
     path = ROOT / "engines" / (name if backend == "eager" else f"{name}-{backend}")
-    if (path / "manifest.json").is_file() and set(gammas) <= set(read_manifest(path).gammas):
+    # Graphs compiled for another x86-64 level (or, before the level was recorded, -march=native) are rebuilt.
+    arch = cpu.compile_target(cpu_isa)[0] if backend == "aoti" else ""
+    if ((path / "manifest.json").is_file() and set(gammas) <= set((m := read_manifest(path)).gammas)
+            and m.cpu_arch == arch):
         from magicdec_rt.planner import Calibration
 
         calibration = Calibration.load(path)
@@ -103,7 +106,7 @@ def engine_for(batch: int, budget: int, contexts: list[int], new_tokens: int, ga
     return build_engine(path, backend=backend, max_batch=batch, max_seq_len=buckets[-1], buckets=buckets, dtype=dtype,
                         draft_budget=budget, gammas=gammas, default_gamma=gammas[-1], show_progress=False,
                         calibrate=True, draft_positions=draft_positions, draft_weights=draft_weights,
-                        kv_dtype=kv_dtype)
+                        kv_dtype=kv_dtype, cpu_isa=cpu_isa)
 
 
 def hf_generate(engine: Path, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype) -> dict:
@@ -206,6 +209,8 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     p.add_argument("--backend", default="eager", choices=["eager", "aoti"],
                    help="engine backend (aoti: AOTInductor graphs, built once per point and kept under engines/)")
+    p.add_argument("--cpu-isa", default="native", choices=list(cpu.TARGETS),
+                   help="the CPUs aoti graphs are compiled for (magicdec-build --cpu-isa)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, help="results directory (default bench/results/sweep[-quick])")
     args = p.parse_args()
@@ -222,7 +227,7 @@ def main() -> None:
     points, hf, prefill = [], [], []
     for batch in cfg["batch"]:
         engines = {(w, dw): engine_for(batch, w, cfg["context"], cfg["new_tokens"], gammas, args.dtype, args.backend,
-                                       draft_weights=dw, kv_dtype=args.kv_dtype)
+                                       draft_weights=dw, kv_dtype=args.kv_dtype, cpu_isa=args.cpu_isa)
                    for w in cfg["budget"] for dw in args.draft_weights}
         # A drafter: (budget, draft weights, policy).
         drafters = [(w, dw, policy) for w in cfg["budget"] for dw in args.draft_weights for policy in args.policy]

@@ -17,6 +17,7 @@ covering its live rows, so a step reads what the context needs, not what the eng
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -309,11 +310,19 @@ def step_module(model, name: str) -> torch.nn.Module:
     return PrefillStep(model) if name.startswith("prefill") else DecodeStep(model, int8=name == "draft")
 
 
+def _not_cpu_isa(record: logging.LogRecord) -> bool:
+    return "mismatch for AOTI_CPU_ISA" not in record.getMessage()
+
+
 def load_aoti_graph(path: Path, module: torch.nn.Module):
     """A compiled AOTInductor package whose weights are ``module``'s own tensors: packages are built
     without their weights, so every graph of an engine shares the one copy loaded from
     ``model.safetensors`` (no copy is made; ``module`` must outlive the graph)."""
     attention.kernel_available()  # CPU graphs call torch.ops.magicdec.attention: register it first
+    # check_environment has held the graphs' instruction sets to this CPU's; torch warns at any
+    # difference, also at graphs for fewer of them (an --cpu-isa avx2 engine on an AVX-512 CPU).
+    torch_log = logging.getLogger("torch.export.pt2_archive._package")
+    torch_log.addFilter(_not_cpu_isa)
     try:
         graph = torch._inductor.aoti_load_package(str(path))
     except RuntimeError as e:
@@ -323,6 +332,8 @@ def load_aoti_graph(path: Path, module: torch.nn.Module):
             f"compiled graph {str(path)!r} calls the CPU attention kernel, which could not be built "
             "here (see the warning above); install a C++ compiler (g++)"
         ) from None
+    finally:
+        torch_log.removeFilter(_not_cpu_isa)
     tensors = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
     names = graph.get_constant_fqns()
     missing = [n for n in names if n not in tensors]
