@@ -132,6 +132,7 @@ def test_missing_weights(engine_copy):
         (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
         (["--draft-weights", "int4"], "argument --draft-weights: invalid choice: 'int4'"),
         (["--cpu-isa", "avx512"], "argument --cpu-isa: invalid choice: 'avx512'"),
+        (["--cpu-isa", "avx2", "--device", "cuda"], "cpu_isa 'avx2' is not supported on cuda; choose one of native"),
         (["--cpu-isa", "avx2", "--dtype", "bfloat16"], "dtype bfloat16 needs a CPU that multiplies it natively "
          "(AVX512-BF16 or AMX) and cpu_isa avx2 builds for CPUs with AVX2 only, which emulate it: use --dtype float32 or auto"),
         (["--dtype", "float16", "--draft-weights", "int8"], "draft_weights int8 needs a CPU with AVX2 and FMA for a "
