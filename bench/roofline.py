@@ -106,14 +106,19 @@ def steps(call, model, cost, args, batch: int, context: int, bw: float, peak: fl
     return rows
 
 
-def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
-    """One layer's attention (3 KV heads x 3 query heads, head dim 64) over a full cache."""
+def attention_ops(args, batch: int, context: int, bw: float, peaks: dict) -> list[dict]:
+    """One layer's attention (3 KV heads x 3 query heads, head dim 64) over a full cache. Its
+    roofline: the cache read once, or q.k and p.v (2 FLOPs per cached element per query row each)
+    at the matmul peak of the path's arithmetic (bf16 pairs on the AVX512-BF16 path, else float32),
+    for the path this process runs by default only: the peaks were measured under its instruction
+    sets (MKL and oneDNN held to AVX2 with the AVX2 path, say), not the other paths'."""
     kv, G, d, dt = 3, 3, 64, args.kv_torch_dtype
     k_cache, v_cache = torch.randn(batch, kv, context, d, dtype=dt), torch.randn(batch, kv, context, d, dtype=dt)
     lengths = torch.full((batch,), context, dtype=torch.long)
     floor_ms = 1e3 * 2 * k_cache.nbytes / bw
     # The stock kernel gets the query group folded into rows too: same cache, same query rows.
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    default_isa = attention.set_isa("")
     rows = []
     try:
         for T in args.tokens:
@@ -127,9 +132,12 @@ def attention_ops(args, batch: int, context: int, bw: float) -> list[dict]:
                     continue
                 ms = time_ms(lambda: torch.ops.magicdec.attention(q, k_cache, v_cache, lengths, k_new, v_new, d**-0.5),
                              args.repeats)
+                flops = 4 * batch * kv * G * T * context * d
+                roofline_ms = max(floor_ms, 1e3 * flops / peaks["bfloat16" if isa == "avx512bf16" else "float32"])
                 rows.append(dict(batch=batch, context=context, tokens=T, isa=isa, kernel_ms=ms,
-                                 GB_s=2 * k_cache.nbytes / ms / 1e6, pct_of_floor=100 * floor_ms / ms, stock_ms=stock,
-                                 speedup=stock / ms))
+                                 GB_s=2 * k_cache.nbytes / ms / 1e6, pct_of_floor=100 * floor_ms / ms,
+                                 GFLOP_s=flops / ms / 1e6, stock_ms=stock, speedup=stock / ms,
+                                 pct_of_roofline=100 * roofline_ms / ms if isa == default_isa else None))
     finally:
         attention.set_isa("auto")
     return rows
@@ -148,12 +156,16 @@ def markdown(r: dict) -> str:
         lines.append(f"| {s['batch']}x{s['context']} | {s['step']} | {s['tokens']} | {s['slots']} | {s['bytes'] / 1e6:.0f} "
                      f"| {s['flops'] / 1e9:.1f} | {s['bound']} | {s['roofline_ms']:.2f} | {s['measured_ms']:.2f} "
                      f"| {s['measured_over_roofline']:.2f} | {s['pct_of_roofline']:.0f}% | {s['over_AR']:.2f} |")
-    lines += ["", "Attention op, one layer (3 KV x 3 query heads, d 64), cache read once: GB/s = 2 x K bytes / time.", "",
-              "| B x context | T | ISA | kernel ms | GB/s | % of floor | stock flash ms | speedup |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Attention op, one layer (3 KV x 3 query heads, d 64), cache read once: GB/s = 2 x K bytes / time; "
+              "% of read floor = that read at the measured bandwidth; % of roofline = the larger of it and the op's "
+              "FLOPs at the matmul peak above (bfloat16's for the avx512bf16 path, float32's for the others), for the "
+              "path this process runs (the peaks were measured under its instruction sets; '-' for the others).", "",
+              "| B x context | T | ISA | kernel ms | GB/s | % of read floor | GFLOP/s | % of roofline | stock flash ms "
+              "| speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in r["attention"]:
+        roof = "-" if a["pct_of_roofline"] is None else f"{a['pct_of_roofline']:.0f}%"
         lines.append(f"| {a['batch']}x{a['context']} | {a['tokens']} | {a['isa']} | {a['kernel_ms']:.3f} | {a['GB_s']:.1f} "
-                     f"| {a['pct_of_floor']:.0f}% | {a['stock_ms']:.3f} | {a['speedup']:.2f} |")
+                     f"| {a['pct_of_floor']:.0f}% | {a['GFLOP_s']:.0f} | {roof} | {a['stock_ms']:.3f} | {a['speedup']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +225,7 @@ def main() -> None:
         for B, S in points:
             report["steps"] += steps(call, model, cost, args, B, S, bw, peaks[args.dtype])
         for B, S in points:
-            report["attention"] += attention_ops(args, B, S, bw)
+            report["attention"] += attention_ops(args, B, S, bw, peaks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     args.out.with_suffix(".md").write_text(markdown(report))
