@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from roofline import random_caches, step_inputs, time_ms
-from workload import ROOT, measure_bandwidth
+from roofline import random_caches, step_inputs
+from workload import ROOT, measure_bandwidth, time_ms
 
 from magicdec_rt import attention, cpu, linear
 from magicdec_rt.engine import load_steps, read_manifest

@@ -23,8 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from roofline import time_ms
-from workload import measure_bandwidth
+from workload import measure_bandwidth, time_ms
 
 from magicdec_rt import attention, cpu, linear
 from magicdec_rt.checkpoint import embedded_model_path, load_source

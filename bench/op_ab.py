@@ -17,10 +17,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from workload import time_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = "magicdec_rt/csrc"
@@ -30,9 +31,9 @@ def build(src: Path, name: str, out: Path) -> Path:
     """The op library from ``src`` (attention.cpp, linear.cpp), compiled as the package does, in a
     child process (building also loads it, and one process takes one ``magicdec`` library)."""
     out.mkdir(parents=True, exist_ok=True)
-    code = ("import sys; from torch.utils import cpp_extension; cpp_extension.load(name=sys.argv[1], "
-            "sources=sys.argv[3:], extra_cflags=['-O3', '-fopenmp', '-Wno-psabi'], extra_ldflags=['-fopenmp'], "
-            "is_python_module=False, build_directory=sys.argv[2], verbose=False)")
+    code = ("import sys; from torch.utils import cpp_extension; from magicdec_rt.attention import BUILD_FLAGS; "
+            "cpp_extension.load(name=sys.argv[1], sources=sys.argv[3:], build_directory=sys.argv[2], "
+            "is_python_module=False, verbose=False, **BUILD_FLAGS)")
     subprocess.run([sys.executable, "-c", code, name, str(out), str(src / "attention.cpp"), str(src / "linear.cpp")],
                    check=True)
     return out / f"{name}.so"
@@ -52,13 +53,7 @@ def time_op(args) -> dict:
                 q = torch.randn(B, kv, G * T, d, dtype=dtype)
                 kn, vn = torch.randn(B, kv, T, d, dtype=dtype), torch.randn(B, kv, T, d, dtype=dtype)
                 call = lambda: torch.ops.magicdec.attention(q, k, v, lengths, kn, vn, d**-0.5)  # noqa: E731
-                call()
-                ts = []
-                for _ in range(args.repeats):
-                    t = time.perf_counter()
-                    call()
-                    ts.append(time.perf_counter() - t)
-                times[f"{str(dtype)[6:]} {isa} T{T}"] = 1e3 * sorted(ts)[len(ts) // 2]
+                times[f"{str(dtype)[6:]} {isa} T{T}"] = time_ms(call, args.repeats)
     return times
 
 

@@ -22,29 +22,17 @@ import argparse
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from workload import ROOT, StepCost, measure_bandwidth, measure_matmul
+from workload import ROOT, StepCost, measure_bandwidth, measure_matmul, time_ms
 
 from magicdec_rt import attention, cpu
 from magicdec_rt.checkpoint import build_model, embedded_model_path, load_source
 from magicdec_rt.engine import step_module
 from magicdec_rt.linear import pack_linears, quantize_linears
 
-
-
-def time_ms(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def random_caches(model, batch: int, slots: int, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -60,6 +60,17 @@ def load_prompts(tokenizer, corpus: Path, batch: int, context: int) -> list[list
     return prompts
 
 
+def time_ms(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def _best_rate(fn, work: float, repeats: int = 5) -> float:
     best = 0.0
     for _ in range(repeats):

@@ -27,6 +27,7 @@ import torch
 # One library of the package's CPU ops: this attention and ``linear.py``'s bf16 linear layers.
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("attention.cpp", "linear.cpp")]
 NAME = "magicdec_kernels"
+BUILD_FLAGS = dict(extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"], extra_ldflags=["-fopenmp"])  # also bench/op_ab.py, which builds a revision's kernels as the package does
 HEAD_DIMS = (64, 128)
 ISAS = ("avx512bf16", "avx512", "avx2", "portable")
 DEFAULT_ISA = os.environ.get("MAGICDEC_KERNEL_ISA") or "auto"
@@ -100,10 +101,9 @@ def kernel_available() -> bool:
         cpp_extension.load(
             name=NAME,
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"],
-            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
+            **BUILD_FLAGS,
         )
     except Exception as e:  # no compiler, no ninja, a failed build: the reference path still works
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
