@@ -52,7 +52,7 @@ class EngineCore:
         # then keeps its own full cache (its prompt K/V, and the K/V it drafted for committed
         # tokens) for the policy to select from, as the target's serves self-speculation.
         self.standalone = draft_steps is not None
-        self._raw_steps, self._raw_draft_steps = steps, draft_steps or steps
+        self._raw_draft_steps = draft_steps or steps  # a draft round on CUDA is captured whole, its steps inside it
         self._draft_graphs, self.cuda_graphs = {}, cuda_graphs
         if cuda_graphs:
             from .cuda_graphs import GraphedSteps
